@@ -1,0 +1,70 @@
+"""Shared fixtures: the real public data in ../shared/data, extracted once per test run into a cache."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CTAN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# Extraction cache: reused across runs of the suite on one machine; CI points it at a fresh folder.
+CACHE_ROOT = Path(os.environ.get("CTAN_TEST_CACHE", REPO_ROOT / ".cache" / "test-data"))
+
+
+def _require_shared() -> bool:
+    return os.environ.get("CTAN_REQUIRE_SHARED_DATA", "") not in ("", "0", "false", "False")
+
+
+def shared_file(relative: str) -> Path:
+    """Path of a file under ../shared/data; skip (or fail with CTAN_REQUIRE_SHARED_DATA=1) when absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        reason = f"real data not found: {path} (set CTAN_SHARED_DATA or place ../shared/data beside the repo)"
+        if _require_shared():
+            pytest.fail(reason + "; CTAN_REQUIRE_SHARED_DATA=1 makes this a failure")
+        pytest.skip(reason)
+    return path
+
+
+def extract_shared_archive(relative: str) -> Path:
+    """Extract an archive of ../shared/data once into the cache and return the extraction folder.
+
+    A marker file is written last, so an interrupted extraction is redone rather than trusted.
+    """
+    archive = shared_file(relative)
+    target = CACHE_ROOT / Path(relative).name.split(".")[0]
+    marker = target / ".extracted"
+    if marker.exists() and marker.read_text() == f"{archive.stat().st_size}":
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    marker.write_text(f"{archive.stat().st_size}")
+    return target
+
+
+@pytest.fixture(scope="session")
+def openkbp_root() -> Path:
+    """Extracted OpenKBP subset (folder that contains the patient folders' parents)."""
+    return extract_shared_archive("openkbp/openkbp-subset.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def ham10000_root() -> Path:
+    """Extracted HAM10000 subset."""
+    return extract_shared_archive("ham10000/ham10000-subset.tar")
+
+
+@pytest.fixture(scope="session")
+def stoic_root() -> Path:
+    """Extracted STOIC-format sample."""
+    return extract_shared_archive("stoic/stoic-sample.tar")
+
+
+@pytest.fixture(scope="session")
+def dicom_rt_root() -> Path:
+    """Extracted real thorax DICOM-RT patient."""
+    return extract_shared_archive("dicom_rt/onkodicom-thorax-rt.tar.gz")
