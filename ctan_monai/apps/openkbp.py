@@ -1,0 +1,89 @@
+"""Glue for the OpenKBP bundle: find the data (or write the synthetic demo), validate and convert it once, and
+serve whole patients for slice-wise 3D evaluation."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ctan_monai.data.openkbp import DEFAULT_STRUCTURES, convert_dataset, find_patient_folders
+from ctan_monai.data.slices import load_case
+
+__all__ = ["LoadCased", "prepare_openkbp"]
+
+logger = logging.getLogger("ctan_monai.openkbp")
+
+
+def prepare_openkbp(
+    dataset_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    structures: Sequence[str] = DEFAULT_STRUCTURES,
+    write_demo_if_missing: bool = False,
+    demo_patients: tuple[int, int] = (6, 2),
+    skip_bad_cases: bool = False,
+) -> dict[str, list[dict[str, Any]]]:
+    """Make the OpenKBP data ready for training: validate every patient up front, convert to the NIfTI cache once,
+    and return the manifest entries per split (``train-pats``, ``validation-pats``, ``test-pats`` as present).
+
+    Args:
+        dataset_dir: the OpenKBP ``provided-data`` folder or a folder above it.
+        cache_dir: the NIfTI cache (reused across runs; patients whose source changed are redone).
+        structures: structures of the segmentation task, in label order.
+        write_demo_if_missing: when ``dataset_dir`` holds no patient, write the synthetic demo dataset there (the
+            bundle's default points at its own ``demo_data`` folder).
+        demo_patients: (training, validation) patients of the demo.
+        skip_bad_cases: convert the good patients and list the bad ones instead of stopping.
+
+    Returns:
+        ``{split: [entry, ...]}``.
+
+    Raises:
+        FileNotFoundError: when ``dataset_dir`` holds no OpenKBP patient (and no demo is to be written).
+        DatasetValidationError: listing every problem of every bad patient.
+
+    Example:
+        >>> splits = prepare_openkbp("demo_data/openkbp", "cache/openkbp", write_demo_if_missing=True)  # doctest: +SKIP
+        >>> sorted(splits)  # doctest: +SKIP
+        ['train-pats', 'validation-pats']
+    """
+    dataset_dir = Path(dataset_dir)
+    try:
+        find_patient_folders(dataset_dir)
+    except FileNotFoundError:
+        if not write_demo_if_missing:
+            raise
+        from ctan_monai.data.demo.openkbp import write_openkbp_demo
+
+        logger.info("no OpenKBP patients in %s: writing the synthetic demo dataset there", dataset_dir)
+        write_openkbp_demo(dataset_dir, n_train=demo_patients[0], n_val=demo_patients[1])
+    entries = convert_dataset(dataset_dir, cache_dir, structures=structures, skip_bad_cases=skip_bad_cases)
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        splits.setdefault(entry["split"], []).append(entry)
+    logger.info("OpenKBP data: %s", {k: len(v) for k, v in splits.items()})
+    return splits
+
+
+class LoadCased:
+    """Dataset transform: a manifest entry -> the whole case as tensors (``load_case``), keeping ``case_id``,
+    ``source`` and ``spacing`` for the evaluation report and the DVH score.
+
+    Args:
+        seg_task: the segmentation task's name.
+        dose_task: the dose task's name.
+        num_classes: segmentation classes, background included.
+    """
+
+    def __init__(self, seg_task: str = "seg", dose_task: str = "dose", num_classes: int | None = None) -> None:
+        self.seg_task = seg_task
+        self.dose_task = dose_task
+        self.num_classes = num_classes
+
+    def __call__(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        case = load_case(entry, self.seg_task, self.dose_task, self.num_classes)
+        case["source"] = str(entry.get("source", ""))
+        case["spacing"] = [float(s) for s in entry.get("spacing", [1.0, 1.0, 1.0])]
+        return case

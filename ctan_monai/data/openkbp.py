@@ -1,0 +1,973 @@
+"""OpenKBP (AAPM 2020 knowledge-based planning challenge) data: reader, validation, datalists, NIfTI cache, dose CSV.
+
+On-disk format, as the challenge publishes it (``provided-data/<split>/pt_<n>/``, ``split`` one of ``SPLITS``):
+
+- every patient is a 128 x 128 x 128 grid. Each ``*.csv`` has the header ``,data`` and rows ``flat_index,value``;
+  voxels that are not listed are 0. ``ct.csv`` and ``dose.csv`` (Gy) list values; masks (``possible_dose_mask.csv``
+  and one ``<Structure>.csv`` per structure the patient has) leave the value column empty.
+- ``flat_index`` is the C-order (row-major) ravel index of the array ``[row, column, slice]``, i.e.
+  ``numpy.unravel_index(flat_index, (128, 128, 128))``, as the challenge's own loader does with ``np.put``.
+- Axis orientation, found by looking at the real data (the spinal cord runs along axis 2, the brainstem lies at
+  smaller axis-2 indices than the cord and the oesophagus at larger ones; the mandible and larynx lie at smaller
+  axis-0 indices than the cord; ``LeftParotid`` lies at larger axis-1 indices than ``RightParotid``):
+
+  - axis 0 (row): anterior -> posterior,
+  - axis 1 (column): patient right -> patient left,
+  - axis 2 (slice, ``AXIAL_AXIS``): superior -> inferior. ``volume[:, :, k]`` is one axial slice, seen as in a
+    radiological viewer (anterior up, patient left on the right).
+
+- ``voxel_dimensions.csv``: three numbers (no header), the voxel size in mm along axes 0, 1, 2.
+- CT grey values mix 12- and 16-bit encodings; as the publishers recommend, the reader clips them to 0..4095
+  (air near 0, soft tissue about 1000-1100).
+
+Decisions documented here:
+
+- Dose above 0 outside ``possible_dose_mask`` is reported as an ``OpenKBPDataWarning`` (not an error): the dose loss,
+  the dose score and the DVH score only use voxels inside the mask, so such a dose does not change training or
+  evaluation; it is still a sign of inconsistent files, so it is reported. (The 50 real patients have none.)
+- A file that does not end with a newline is an error: the publishers' files and this module's writer always end
+  with one, and a file cut short usually ends inside a row, whose last index or value would be silently wrong.
+- The NIfTI cache keeps the array exactly as above (no transpose), with an affine that maps it to RAS world
+  coordinates (axis codes ``("P", "L", "I")``), so viewers and MONAI Label show the right geometry and
+  ``nibabel.load(...).get_fdata()`` equals the reader's arrays. Files are ``.nii.gz``: the volumes are mostly air
+  and compress several-fold (nibabel uses a fast gzip level); they are read once per run into memory.
+- Label maps: 0 background, ``i`` the ``i``-th selected structure; where structures overlap (the real data has a few
+  Brainstem/SpinalCord voxels in common) the structure listed first wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from ctan_monai.data.validation import DataProblem, DatasetValidationError, ValidationReport
+from ctan_monai.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "AXIAL_AXIS",
+    "CT_RANGE",
+    "DEFAULT_STRUCTURES",
+    "GRID_SHAPE",
+    "MANIFEST_NAME",
+    "OAR_NAMES",
+    "SPLITS",
+    "STRUCTURE_NAMES",
+    "TARGET_NAMES",
+    "OpenKBPDataWarning",
+    "OpenKBPPatient",
+    "build_datalist",
+    "convert_dataset",
+    "find_patient_folders",
+    "label_map_from_structures",
+    "load_manifest",
+    "openkbp_affine",
+    "read_patient",
+    "read_sparse_csv",
+    "read_voxel_dimensions",
+    "validate_dataset",
+    "write_dose_csv",
+    "write_patient",
+    "write_sparse_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+GRID_SHAPE: tuple[int, int, int] = (128, 128, 128)
+AXIAL_AXIS = 2
+CT_RANGE: tuple[float, float] = (0.0, 4095.0)
+OAR_NAMES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
+TARGET_NAMES = ("PTV56", "PTV63", "PTV70")
+STRUCTURE_NAMES = OAR_NAMES + TARGET_NAMES
+DEFAULT_STRUCTURES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid")
+SPLITS = ("train-pats", "validation-pats", "test-pats")
+CSV_HEADER = ",data"
+MANIFEST_NAME = "manifest.json"
+_MARKER_NAME = ".converted.json"
+_CACHE_FORMAT = "ctan_monai.openkbp.nifti/1"
+_MAX_LISTED = 3  # rows quoted per kind of problem; the count of the rest is given
+
+
+class OpenKBPDataWarning(UserWarning):
+    """A patient's files are usable but inconsistent (e.g. dose above 0 outside the possible-dose mask)."""
+
+
+@dataclass
+class OpenKBPPatient:
+    """One OpenKBP patient on the ``[row, column, slice]`` grid (see the module docstring for the orientation).
+
+    Args:
+        id: the patient folder name, e.g. ``"pt_1"``.
+        ct: float32 CT grey values clipped to ``CT_RANGE`` (0 = air).
+        dose: float32 dose in Gy, or None when the patient has no ``dose.csv`` (challenge test patients).
+        possible_dose_mask: bool mask of the voxels that may receive dose.
+        structures: structure name -> bool mask, only for the structures whose file exists.
+        voxel_size_mm: voxel size in mm along axes 0, 1, 2.
+        folder: the patient folder read.
+
+    Example:
+        >>> grid = (2, 2, 2)
+        >>> p = OpenKBPPatient("pt_1", np.zeros(grid, np.float32), None, np.ones(grid, bool), {}, (3.9, 3.9, 2.5))
+        >>> p.shape
+        (2, 2, 2)
+    """
+
+    id: str
+    ct: np.ndarray
+    dose: np.ndarray | None
+    possible_dose_mask: np.ndarray
+    structures: dict[str, np.ndarray]
+    voxel_size_mm: tuple[float, float, float]
+    folder: Path | None = field(default=None, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The grid shape."""
+        return tuple(self.ct.shape)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The 4 x 4 voxel-to-RAS affine of the grid (see ``openkbp_affine``)."""
+        return openkbp_affine(self.voxel_size_mm, self.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+def _describe_lines(rows: np.ndarray, column: pd.Series | None = None) -> str:
+    """``line 5 ('abc'), line 9 ('x') and 3 more`` for 0-based data rows (the header is line 1)."""
+    parts = []
+    for row in rows[:_MAX_LISTED]:
+        text = f"line {int(row) + 2}"
+        if column is not None:
+            text += f" ({str(column.iloc[int(row)])!r})"
+        parts.append(text)
+    more = len(rows) - _MAX_LISTED
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
+
+
+def _parse_column(column: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numbers of a CSV column: ``(values as float64, bool rows that are empty, bool rows that are not numbers)``.
+
+    The fast path is pandas' own parsing; a column pandas could not read as numbers (only in bad files) is converted
+    row by row to find the rows at fault.
+    """
+    if pd.api.types.is_numeric_dtype(column.dtype):
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+        return values, np.isnan(values), np.zeros(len(values), dtype=bool)
+    raw = column.to_numpy(dtype=object)
+    values = np.full(len(raw), np.nan)
+    empty = np.zeros(len(raw), dtype=bool)
+    bad = np.zeros(len(raw), dtype=bool)
+    for row, text in enumerate(raw):
+        if text is None or (isinstance(text, float) and np.isnan(text)) or not str(text).strip():
+            empty[row] = True
+            continue
+        try:
+            values[row] = float(text)
+        except ValueError:
+            bad[row] = True
+    return values, empty, bad
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame | None, list[str]]:
+    """Check the header and the last line, then parse the rows; returns ``(table or None, problems)``."""
+    try:
+        with open(path, "rb") as stream:
+            header = stream.readline().decode("utf-8-sig", errors="replace").strip()
+            stream.seek(0, os.SEEK_END)
+            size = stream.tell()
+            stream.seek(max(size - 1, 0))
+            ends_with_newline = stream.read(1) == b"\n"
+    except OSError as err:
+        return None, [f"cannot be read: {err}"]
+    if size == 0:
+        return None, [f"is empty (expected the header {CSV_HEADER!r} and one row per voxel)"]
+    if header != CSV_HEADER:
+        return None, [f"has header {header[:40]!r}, expected {CSV_HEADER!r} (is this an OpenKBP CSV file?)"]
+    problems = [] if ends_with_newline else ["the last line is incomplete (no final newline): the file looks truncated"]
+    try:
+        table = pd.read_csv(
+            path,
+            header=None,
+            skiprows=1,
+            # A third column catches rows with extra fields (pandas would otherwise take the first as a row label).
+            names=["index", "data", "extra"],
+            index_col=False,
+            keep_default_na=False,
+            na_values=[""],
+            skip_blank_lines=False,  # keeps line numbers right; a blank line is reported as a row without an index
+            engine="c",
+        )
+    except pd.errors.EmptyDataError:
+        table = pd.DataFrame({k: np.empty(0, np.float64) for k in ("index", "data", "extra")})
+    except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as err:
+        return None, problems + [f"cannot be parsed as 'index,value' rows: {str(err).strip()}"]
+    if len(table) == 0:
+        problems.append("lists no voxels (only the header): the file looks truncated")
+    extra = np.flatnonzero(table["extra"].notna().to_numpy())
+    if len(extra):
+        problems.append(f"rows with more than two fields: {_describe_lines(extra)}")
+    return table, problems
+
+
+def _check_indices(column: pd.Series, n_voxels: int, grid_text: str) -> tuple[np.ndarray, list[str]]:
+    """Flat voxel indices (-1 where unusable) and the problems: missing, not integers, outside the grid, repeated."""
+    problems = []
+    values, empty, bad = _parse_column(column)
+    if empty.any():
+        problems.append(f"rows without a voxel index: {_describe_lines(np.flatnonzero(empty))}")
+    bad |= np.isfinite(values) & (values != np.round(values))
+    if bad.any():
+        problems.append(f"voxel indices that are not integers: {_describe_lines(np.flatnonzero(bad), column)}")
+    usable = np.isfinite(values) & ~bad
+    out_of_range = usable & ((values < 0) | (values >= n_voxels))
+    if out_of_range.any():
+        problems.append(
+            f"voxel indices outside the {grid_text} grid (0..{n_voxels - 1}): "
+            f"{_describe_lines(np.flatnonzero(out_of_range), column)}"
+        )
+    indices = np.where(usable & ~out_of_range, values, -1).astype(np.int64)
+    sorted_indices = np.sort(indices[indices >= 0])
+    repeated = sorted_indices[1:][sorted_indices[1:] == sorted_indices[:-1]]
+    if len(repeated):
+        repeated = np.unique(repeated)
+        listed = ", ".join(str(int(i)) for i in repeated[:_MAX_LISTED])
+        problems.append(f"{len(repeated)} voxel index(es) listed more than once, e.g. {listed}")
+    return indices, problems
+
+
+def _check_values(column: pd.Series, kind: str) -> tuple[np.ndarray | None, list[str]]:
+    """The value column (None for masks) and its problems: masks must be empty, values finite (dose not negative)."""
+    values, empty, bad = _parse_column(column)
+    if kind == "mask":
+        if empty.all():
+            return None, []
+        rows = _describe_lines(np.flatnonzero(~empty), column)
+        return None, [f"a mask file must leave the data column empty, but rows have values: {rows}"]
+    problems = []
+    if empty.any():
+        problems.append(f"rows without a value (a truncated file?): {_describe_lines(np.flatnonzero(empty))}")
+    if bad.any():
+        problems.append(f"values that are not numbers: {_describe_lines(np.flatnonzero(bad), column)}")
+    nonfinite = ~np.isfinite(values) & ~empty & ~bad
+    if nonfinite.any():
+        problems.append(f"values that are NaN or infinite: {_describe_lines(np.flatnonzero(nonfinite), column)}")
+    negative = values < 0
+    if kind == "dose" and negative.any():
+        problems.append(f"negative dose values (Gy): {_describe_lines(np.flatnonzero(negative), column)}")
+    return values, problems
+
+
+def _parse_sparse_csv(
+    path: Path, n_voxels: int, kind: str, grid_text: str
+) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """Parse one sparse CSV and check it; returns ``(indices, values or None, problems)``."""
+    table, problems = _read_table(path)
+    if table is None:
+        return None, None, problems
+    indices, index_problems = _check_indices(table["index"], n_voxels, grid_text)
+    values, value_problems = _check_values(table["data"], kind)
+    return indices, values, problems + index_problems + value_problems
+
+
+def _grid_text(grid_shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in grid_shape)
+
+
+def read_sparse_csv(
+    path: str | os.PathLike[str], grid_shape: Sequence[int] = GRID_SHAPE, kind: str = "values"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read one OpenKBP sparse CSV (header ``,data``, rows ``flat_index,value``) and check every row.
+
+    Args:
+        path: the CSV file.
+        grid_shape: the grid the flat indices refer to.
+        kind: ``"values"`` (e.g. ``ct.csv``), ``"dose"`` (values, and none may be negative) or ``"mask"`` (the data
+            column must be empty).
+
+    Returns:
+        ``(flat_indices int64, values float64 or None for masks)``, in file order.
+
+    Raises:
+        DatasetValidationError: listing every problem of the file (bad header, unparsable rows, indices outside the
+            grid or repeated, missing / NaN / infinite / negative values, a truncated last line).
+        ValueError: when ``kind`` is not one of the three.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "dose.csv"
+        >>> _ = f.write_text(",data\\n5,1.5\\n7,2.0\\n")
+        >>> read_sparse_csv(f, (2, 2, 2), kind="dose")[1].tolist()
+        [1.5, 2.0]
+    """
+    if kind not in ("values", "dose", "mask"):
+        raise ValueError(f"kind must be 'values', 'dose' or 'mask', got {kind!r}")
+    path = Path(path)
+    indices, values, problems = _parse_sparse_csv(path, int(np.prod(grid_shape)), kind, _grid_text(grid_shape))
+    if problems:
+        raise DatasetValidationError([DataProblem(str(path), p) for p in problems], str(path))
+    return indices, values
+
+
+def read_voxel_dimensions(path: str | os.PathLike[str]) -> tuple[float, float, float]:
+    """Read ``voxel_dimensions.csv``: three positive numbers (mm along axes 0, 1, 2), one per line, no header.
+
+    Args:
+        path: the file.
+
+    Returns:
+        the voxel size in mm.
+
+    Raises:
+        DatasetValidationError: when the file is missing, unparsable or does not hold three positive finite numbers.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "voxel_dimensions.csv"
+        >>> _ = f.write_text("3.9\\n3.9\\n2.5\\n")
+        >>> read_voxel_dimensions(f)
+        (3.9, 3.9, 2.5)
+    """
+    path = Path(path)
+    problem = _voxel_dimensions_problem(path)
+    if isinstance(problem, str):
+        raise DatasetValidationError([DataProblem(str(path), problem)], str(path))
+    return problem
+
+
+def _voxel_dimensions_problem(path: Path) -> tuple[float, float, float] | str:
+    """The voxel size, or the problem with the file as a message."""
+    if not path.is_file():
+        return "missing voxel_dimensions.csv (the voxel size in mm is needed for the NIfTI geometry and DVH metrics)"
+    try:
+        values = np.atleast_1d(np.loadtxt(path, dtype=np.float64, delimiter=",", ndmin=1)).ravel()
+    except ValueError as err:
+        return f"cannot be parsed as three numbers: {err}"
+    if values.size != 3:
+        return f"holds {values.size} number(s), expected 3 (voxel size in mm along the three axes)"
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        return f"voxel sizes must be positive finite numbers, got {values.tolist()}"
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _check_structures(structures: Iterable[str] | None) -> tuple[str, ...]:
+    names = STRUCTURE_NAMES if structures is None else tuple(structures)
+    unknown = [n for n in names if n not in STRUCTURE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown OpenKBP structure(s) {unknown}; the format defines {list(STRUCTURE_NAMES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"structures must not repeat, got {list(names)}")
+    return names
+
+
+def _read_patient_checked(
+    folder: Path, structures: tuple[str, ...], grid_shape: tuple[int, ...], require_dose: bool
+) -> tuple[OpenKBPPatient | None, list[DataProblem]]:
+    """Read a patient, collecting every problem of every file instead of stopping at the first."""
+    case = folder.name
+    problems: list[DataProblem] = []
+    if not folder.is_dir():
+        return None, [DataProblem(str(folder), "patient folder does not exist", case)]
+    n_voxels = int(np.prod(grid_shape))
+    grid_text = _grid_text(grid_shape)
+
+    def volume(name: str, kind: str, required: bool, dtype: type) -> np.ndarray | None:
+        path = folder / name
+        if not path.is_file():
+            if required:
+                problems.append(DataProblem(str(path), f"missing {name} (a required file of an OpenKBP patient)", case))
+            return None
+        indices, values, file_problems = _parse_sparse_csv(path, n_voxels, kind, grid_text)
+        problems.extend(DataProblem(str(path), p, case) for p in file_problems)
+        if file_problems:
+            return None
+        flat = np.zeros(n_voxels, dtype=dtype)
+        flat[indices] = True if values is None else values
+        return flat.reshape(grid_shape)
+
+    ct = volume("ct.csv", "values", True, np.float32)
+    dose = volume("dose.csv", "dose", require_dose, np.float32)
+    possible = volume("possible_dose_mask.csv", "mask", True, bool)
+    masks = {}
+    for name in structures:
+        mask = volume(f"{name}.csv", "mask", False, bool)
+        if mask is not None:
+            masks[name] = mask
+    voxel_size = _voxel_dimensions_problem(folder / "voxel_dimensions.csv")
+    if isinstance(voxel_size, str):
+        problems.append(DataProblem(str(folder / "voxel_dimensions.csv"), voxel_size, case))
+    if problems or ct is None or possible is None or isinstance(voxel_size, str):
+        return None, problems
+    if dose is not None:
+        outside = (dose > 0) & ~possible
+        if outside.any():
+            warnings.warn(
+                f"{folder / 'dose.csv'}: {int(outside.sum())} voxel(s) with dose above 0 outside "
+                f"possible_dose_mask.csv (max {float(dose[outside].max()):.3f} Gy); they are kept, but the dose "
+                "loss and metrics only use voxels inside the mask",
+                OpenKBPDataWarning,
+                stacklevel=3,
+            )
+    np.clip(ct, *CT_RANGE, out=ct)
+    return OpenKBPPatient(case, ct, dose, possible, masks, voxel_size, folder), []
+
+
+def read_patient(
+    folder: str | os.PathLike[str],
+    structures: Iterable[str] | None = None,
+    grid_shape: Sequence[int] = GRID_SHAPE,
+    require_dose: bool = False,
+) -> OpenKBPPatient:
+    """Read one OpenKBP patient folder (``pt_<n>/``) into volumes on the ``[row, column, slice]`` grid.
+
+    Every file is checked; all problems of the patient are reported together.
+
+    Args:
+        folder: the patient folder.
+        structures: the structures to read (default: all of ``STRUCTURE_NAMES``); those without a file are absent
+            from ``OpenKBPPatient.structures``.
+        grid_shape: the grid the flat indices refer to; the challenge's is ``GRID_SHAPE`` (the synthetic demo may
+            use a smaller one).
+        require_dose: treat a missing ``dose.csv`` as a problem (training / validation patients) rather than
+            returning ``dose=None`` (challenge test patients).
+
+    Returns:
+        the patient, CT clipped to ``CT_RANGE``.
+
+    Raises:
+        DatasetValidationError: listing every problem, each naming its file: missing ``ct.csv`` /
+            ``possible_dose_mask.csv`` / ``voxel_dimensions.csv`` (or ``dose.csv`` with ``require_dose``), a wrong
+            header, unparsable rows, indices outside the grid or repeated, NaN / infinite / missing values, negative
+            dose, a truncated last line.
+        ValueError: when ``structures`` names a structure the format does not define.
+
+    Warns:
+        OpenKBPDataWarning: when the dose is above 0 outside the possible-dose mask.
+
+    Example:
+        >>> patient = read_patient("provided-data/train-pats/pt_1")  # doctest: +SKIP
+        >>> patient.ct.shape, sorted(patient.structures)[:2]  # doctest: +SKIP
+        ((128, 128, 128), ['Brainstem', 'LeftParotid'])
+    """
+    folder = Path(folder)
+    patient, problems = _read_patient_checked(
+        folder, _check_structures(structures), tuple(int(s) for s in grid_shape), require_dose
+    )
+    if problems or patient is None:
+        raise DatasetValidationError(problems, f"OpenKBP patient {folder}")
+    return patient
+
+
+def openkbp_affine(voxel_size_mm: Sequence[float], grid_shape: Sequence[int] = GRID_SHAPE) -> np.ndarray:
+    """The voxel-to-RAS (mm) affine of an OpenKBP ``[row, column, slice]`` array, centred on the grid.
+
+    Row runs anterior -> posterior (-y in RAS), column patient right -> left (-x), slice superior -> inferior (-z),
+    so ``nibabel.aff2axcodes`` gives ``("P", "L", "I")``. The challenge gives no patient position; the grid centre is
+    put at the world origin.
+
+    Args:
+        voxel_size_mm: voxel size along axes 0, 1, 2 (``voxel_dimensions.csv``).
+        grid_shape: the grid shape.
+
+    Returns:
+        a 4 x 4 float64 affine.
+
+    Example:
+        >>> import nibabel as nib
+        >>> nib.aff2axcodes(openkbp_affine((3.9, 3.9, 2.5)))
+        ('P', 'L', 'I')
+    """
+    row, col, sli = (float(v) for v in voxel_size_mm)
+    affine = np.zeros((4, 4))
+    affine[0, 1] = -col  # world x (R+) decreases along the column axis
+    affine[1, 0] = -row  # world y (A+) decreases along the row axis
+    affine[2, 2] = -sli  # world z (S+) decreases along the slice axis
+    affine[3, 3] = 1.0
+    centre = (np.asarray(grid_shape, dtype=np.float64) - 1.0) / 2.0
+    affine[:3, 3] = -affine[:3, :3] @ centre
+    return affine
+
+
+def label_map_from_structures(
+    structures: Mapping[str, np.ndarray], names: Sequence[str], shape: Sequence[int]
+) -> tuple[np.ndarray, list[int]]:
+    """Combine structure masks into one uint8 label map: 0 background, ``i`` = ``names[i - 1]``.
+
+    Where structures overlap, the one listed first in ``names`` wins.
+
+    Args:
+        structures: name -> bool mask of the structures a patient has.
+        names: the selected structures, in label order (at most 255).
+        shape: the grid shape (for a patient with none of the structures).
+
+    Returns:
+        ``(label_map, class_present)`` where ``class_present[0]`` (background) is 1 and ``class_present[i]`` is 1 when
+        the patient has a file for ``names[i - 1]`` (annotated, even if every voxel lost an overlap).
+
+    Raises:
+        ValueError: with more than 255 structures.
+
+    Example:
+        >>> a = np.zeros((1, 1, 3), bool); a[..., :2] = True
+        >>> b = np.zeros((1, 1, 3), bool); b[..., 1:] = True
+        >>> label_map_from_structures({"A": a, "B": b}, ["A", "B", "C"], a.shape)
+        (array([[[1, 1, 2]]], dtype=uint8), [1, 1, 1, 0])
+    """
+    if len(names) > 255:
+        raise ValueError(f"a uint8 label map holds at most 255 structures, got {len(names)}")
+    label = np.zeros(tuple(shape), dtype=np.uint8)
+    # Paint in reverse order so that the structures listed first are painted last and win overlaps.
+    for index in range(len(names), 0, -1):
+        mask = structures.get(names[index - 1])
+        if mask is not None:
+            label[mask] = index
+    return label, [1] + [int(name in structures) for name in names]
+
+
+# ------------------------------------------------------------------------------------------------- datasets and lists
+def _patient_number(folder: Path) -> tuple[int, str]:
+    match = re.search(r"(\d+)$", folder.name)
+    return (int(match.group(1)) if match else -1, folder.name)
+
+
+def _patients_in(split_dir: Path) -> list[Path]:
+    folders = [p for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("pt_")]
+    return sorted(folders, key=_patient_number)
+
+
+def find_patient_folders(root: str | os.PathLike[str]) -> list[tuple[str, Path]]:
+    """Find the patient folders under a dataset root, a ``provided-data`` folder, a split folder or a patient folder.
+
+    Args:
+        root: a folder holding ``provided-data/``, or split folders (``train-pats/`` ...), or ``pt_*`` folders, or the
+            files of one patient.
+
+    Returns:
+        ``(split, patient_folder)`` pairs, splits in ``SPLITS`` order and patients by number; ``split`` is the split
+        folder's name (or the parent folder's name for a patient folder).
+
+    Raises:
+        FileNotFoundError: when ``root`` does not exist or holds no patient.
+
+    Example:
+        >>> find_patient_folders("provided-data")[0]  # doctest: +SKIP
+        ('train-pats', PosixPath('provided-data/train-pats/pt_1'))
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: OpenKBP folder does not exist")
+    if (root / "provided-data").is_dir():
+        root = root / "provided-data"
+    if (root / "ct.csv").exists() or root.name.startswith("pt_"):
+        return [(root.parent.name, root)]
+    found = [(split, p) for split in SPLITS if (root / split).is_dir() for p in _patients_in(root / split)]
+    if not found:
+        found = [(root.name, p) for p in _patients_in(root)]
+    if not found:
+        raise FileNotFoundError(
+            f"{root}: no OpenKBP patient folders (pt_*/) found here or in {', '.join(s + '/' for s in SPLITS)}"
+        )
+    return found
+
+
+def validate_dataset(
+    root_or_split_dir: str | os.PathLike[str],
+    structures: Iterable[str] | None = None,
+    grid_shape: Sequence[int] = GRID_SHAPE,
+    require_dose: bool | None = None,
+) -> ValidationReport:
+    """Check every patient of an OpenKBP dataset and report every problem in one pass.
+
+    Args:
+        root_or_split_dir: anything ``find_patient_folders`` accepts.
+        structures: the structures to check (default: all).
+        grid_shape: the grid the flat indices refer to.
+        require_dose: whether ``dose.csv`` is required; default: required except in ``test-pats``.
+
+    Returns:
+        the report: ``problems`` (file, case, message) and ``valid_cases`` (patient ids without problems).
+
+    Raises:
+        ValueError: when ``structures`` names a structure the format does not define.
+
+    Example:
+        >>> report = validate_dataset("provided-data")  # doctest: +SKIP
+        >>> report.ok, len(report.valid_cases)  # doctest: +SKIP
+        (True, 50)
+    """
+    names = _check_structures(structures)
+    shape = tuple(int(s) for s in grid_shape)
+    report = ValidationReport(dataset=f"OpenKBP {root_or_split_dir}")
+    try:
+        patients = find_patient_folders(root_or_split_dir)
+    except FileNotFoundError as err:
+        report.add(str(root_or_split_dir), str(err).split(": ", 1)[-1])
+        return report
+    for split, folder in patients:
+        needs_dose = split != "test-pats" if require_dose is None else require_dose
+        patient, problems = _read_patient_checked(folder, names, shape, needs_dose)
+        report.problems.extend(problems)
+        if patient is not None and not problems:
+            report.valid_cases.append(folder.name)
+    return report
+
+
+def build_datalist(provided_data_dir: str | os.PathLike[str], split: str) -> list[dict[str, Any]]:
+    """List the patients of one split with the paths of their files (nothing is parsed).
+
+    Args:
+        provided_data_dir: the ``provided-data`` folder (or the folder that holds it).
+        split: one of ``SPLITS``.
+
+    Returns:
+        one dict per patient, by patient number: ``case_id``, ``split``, ``folder``, ``ct``, ``dose`` (None when
+        absent), ``possible_dose_mask``, ``voxel_dimensions`` (paths as strings) and ``structures`` (name -> path,
+        only the structures present).
+
+    Raises:
+        ValueError: for an unknown split.
+        FileNotFoundError: when the split folder does not exist.
+
+    Example:
+        >>> build_datalist("provided-data", "validation-pats")[0]["case_id"]  # doctest: +SKIP
+        'pt_201'
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    base = Path(provided_data_dir)
+    if (base / "provided-data").is_dir():
+        base = base / "provided-data"
+    split_dir = base / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir}: OpenKBP split folder does not exist")
+    datalist = []
+    for folder in _patients_in(split_dir):
+        dose = folder / "dose.csv"
+        datalist.append(
+            {
+                "case_id": folder.name,
+                "split": split,
+                "folder": str(folder),
+                "ct": str(folder / "ct.csv"),
+                "dose": str(dose) if dose.is_file() else None,
+                "possible_dose_mask": str(folder / "possible_dose_mask.csv"),
+                "voxel_dimensions": str(folder / "voxel_dimensions.csv"),
+                "structures": {
+                    name: str(folder / f"{name}.csv") for name in STRUCTURE_NAMES if (folder / f"{name}.csv").is_file()
+                },
+            }
+        )
+    return datalist
+
+
+# ------------------------------------------------------------------------------------------------------- NIfTI cache
+def _source_stats(folder: Path) -> dict[str, list[int]]:
+    """Size and modification time of every CSV of a patient folder: a change means the cache entry is stale."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.csv"))}
+
+
+def _file_crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    image.header.set_qform(affine, code=1)  # 1 = scanner-based coordinates
+    image.header.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+
+
+def _cached_entry(case_dir: Path, source: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The marker's manifest entry when the cache entry is complete, intact and made from the same sources."""
+    try:
+        marker = json.loads((case_dir / _MARKER_NAME).read_text(encoding="utf-8"))
+        if marker["settings"] != settings or marker["sources"] != _source_stats(source):
+            return None
+        for name, crc in marker["outputs"].items():
+            if _file_crc(case_dir / name) != crc:
+                return None
+        return marker["entry"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _convert_patient(
+    folder: Path, split: str, cache_dir: Path, names: tuple[str, ...], grid_shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """Convert one patient to NIfTI and write its marker last; returns the entry (paths relative to ``cache_dir``)."""
+    patient = read_patient(folder, names, grid_shape, require_dose=split != "test-pats")
+    relative = Path(split) / patient.id
+    case_dir = cache_dir / relative
+    affine = patient.affine
+    label, present = label_map_from_structures(patient.structures, names, patient.shape)
+    volumes = {
+        "image": (patient.ct / CT_RANGE[1]).astype(np.float32),
+        "label": label,
+        "dose": patient.dose,
+        "dose_mask": patient.possible_dose_mask.astype(np.uint8),
+    }
+    entry: dict[str, Any] = {"case_id": patient.id, "split": split}
+    outputs = {}
+    for key, array in volumes.items():
+        if array is None:
+            entry[key] = None
+            continue
+        name = f"{key}.nii.gz"
+        _save_nifti(array, affine, case_dir / name)
+        entry[key] = str(relative / name)
+        outputs[name] = _file_crc(case_dir / name)
+    entry.update(
+        label_class_present=present,
+        spacing=list(patient.voxel_size_mm),
+        source=str(folder.resolve()),
+    )
+    settings = {"format": _CACHE_FORMAT, "structures": list(names), "grid_shape": list(grid_shape)}
+    marker = {"settings": settings, "sources": _source_stats(folder), "outputs": outputs, "entry": entry}
+    atomic_write_json(case_dir / _MARKER_NAME, marker)
+    return entry
+
+
+def _absolute(entry: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    resolved = dict(entry)
+    for key in ("image", "label", "dose", "dose_mask"):
+        if resolved.get(key) is not None:
+            resolved[key] = str(base / resolved[key])
+    return resolved
+
+
+def convert_dataset(
+    src_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    structures: Sequence[str] = DEFAULT_STRUCTURES,
+    overwrite: bool = False,
+    grid_shape: Sequence[int] = GRID_SHAPE,
+    skip_bad_cases: bool = False,
+) -> list[dict[str, Any]]:
+    """Convert OpenKBP patients once to NIfTI and write a JSON manifest; later runs reuse what is still valid.
+
+    Per patient, ``cache_dir/<split>/<case_id>/`` holds ``image.nii.gz`` (CT / 4095 after clipping, float32 in
+    [0, 1]), ``label.nii.gz`` (uint8, 0 background, ``i`` = ``structures[i - 1]``, first listed wins overlaps),
+    ``dose.nii.gz`` (float32 Gy; absent for patients without dose), ``dose_mask.nii.gz`` (uint8 possible-dose mask)
+    and a marker written last with the source files' sizes and modification times and the outputs' CRC-32. A patient
+    whose marker matches is skipped; a changed source, other settings, or a missing / corrupt output redoes it.
+    ``cache_dir/manifest.json`` (written atomically) holds ``structures``, ``label_names``, one list of entries per
+    split (paths relative to ``cache_dir``) and ``skipped`` cases.
+
+    Args:
+        src_dir: anything ``find_patient_folders`` accepts (e.g. the ``provided-data`` folder).
+        cache_dir: the output folder.
+        structures: the structures of the label map, in label order.
+        overwrite: convert every patient again.
+        grid_shape: the grid the flat indices refer to.
+        skip_bad_cases: convert the good patients and list the bad ones under ``skipped`` (with a warning) instead
+            of raising.
+
+    Returns:
+        the manifest entries (absolute paths): ``case_id``, ``split``, ``image``, ``label``, ``dose`` (or None),
+        ``dose_mask``, ``label_class_present`` (0/1 per class, background first), ``spacing`` (mm per axis) and
+        ``source`` (the patient folder).
+
+    Raises:
+        DatasetValidationError: listing every problem of every bad patient (after converting the good ones), unless
+            ``skip_bad_cases``.
+        FileNotFoundError: when ``src_dir`` holds no patient.
+        ValueError: when ``structures`` names a structure the format does not define.
+
+    Example:
+        >>> entries = convert_dataset("provided-data", "cache/openkbp")  # doctest: +SKIP
+        >>> entries[0]["label_class_present"]  # doctest: +SKIP
+        [1, 1, 1, 1, 1]
+    """
+    names = _check_structures(structures)
+    shape = tuple(int(s) for s in grid_shape)
+    cache = Path(cache_dir)
+    settings = {"format": _CACHE_FORMAT, "structures": list(names), "grid_shape": list(shape)}
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    problems: list[DataProblem] = []
+    converted = reused = 0
+    for split, folder in find_patient_folders(src_dir):
+        entry = None if overwrite else _cached_entry(cache / split / folder.name, folder, settings)
+        if entry is None:
+            try:
+                entry = _convert_patient(folder, split, cache, names, shape)
+            except DatasetValidationError as err:
+                problems.extend(err.problems)
+                continue
+            converted += 1
+        else:
+            reused += 1
+        by_split.setdefault(split, []).append(entry)
+    logger.info("OpenKBP cache %s: %d converted, %d reused, %d bad", cache, converted, reused, len(problems))
+    if problems and not skip_bad_cases:
+        raise DatasetValidationError(problems, f"OpenKBP {src_dir}")
+    if problems:
+        warnings.warn(
+            str(DatasetValidationError(problems, f"OpenKBP {src_dir} (bad cases skipped)")),
+            OpenKBPDataWarning,
+            stacklevel=2,
+        )
+    manifest = {
+        "description": "OpenKBP patients converted to NIfTI by ctan_monai.data.openkbp.convert_dataset",
+        "format": _CACHE_FORMAT,
+        "structures": list(names),
+        "label_names": ["background", *names],
+        "grid_shape": list(shape),
+        "orientation": "array axes [row A->P, column R->L, slice S->I]; affine in RAS mm; axial slice axis 2",
+        **by_split,
+        "skipped": [{"case": p.case, "file": p.file, "message": p.message} for p in problems],
+    }
+    atomic_write_json(cache / MANIFEST_NAME, manifest)
+    return [_absolute(entry, cache) for split in by_split for entry in by_split[split]]
+
+
+def load_manifest(path: str | os.PathLike[str], split: str | None = None) -> list[dict[str, Any]]:
+    """Read the entries of a ``convert_dataset`` manifest, with absolute paths.
+
+    Args:
+        path: the manifest file or the cache folder that holds ``manifest.json``.
+        split: one split's entries (e.g. ``"train-pats"``); default: every split, in ``SPLITS`` order.
+
+    Returns:
+        the entries, as ``convert_dataset`` returns them.
+
+    Raises:
+        FileNotFoundError: when there is no manifest.
+        ValueError: when the file is not a ``convert_dataset`` manifest.
+        KeyError: when ``split`` has no entry in the manifest.
+
+    Example:
+        >>> train = load_manifest("cache/openkbp", "train-pats")  # doctest: +SKIP
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / MANIFEST_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: OpenKBP manifest not found (run convert_dataset first)")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{file}: not a JSON manifest: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _CACHE_FORMAT:
+        raise ValueError(f"{file}: not a manifest written by convert_dataset (format {_CACHE_FORMAT})")
+    splits = [split] if split is not None else [s for s in SPLITS if s in manifest]
+    if split is not None and split not in manifest:
+        raise KeyError(f"{file}: no entries for split {split!r}; it has {[s for s in SPLITS if s in manifest]}")
+    return [_absolute(entry, file.parent) for s in splits for entry in manifest[s]]
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+def write_sparse_csv(path: str | os.PathLike[str], volume: np.ndarray, mask: bool = False) -> Path:
+    """Write a volume as an OpenKBP sparse CSV (header ``,data``; C-order flat indices), atomically.
+
+    Values are written as the shortest decimal that reads back to the same float32 (numpy's float32 ``str``), so a
+    float32 volume round-trips exactly through ``read_sparse_csv``.
+
+    Args:
+        path: the output file.
+        volume: the volume; values: its non-zero voxels are listed; ``mask=True``: its non-zero voxels are listed
+            with an empty value.
+        mask: write a mask file.
+
+    Returns:
+        the path written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = write_sparse_csv(pathlib.Path(tempfile.mkdtemp()) / "ct.csv", np.array([[[0.0, 7.5]]]))
+        >>> f.read_text()
+        ',data\\n1,7.5\\n'
+    """
+    flat = np.asarray(volume).ravel()
+    indices = np.flatnonzero(flat)
+    index_text = indices.astype(str)
+    if mask:
+        rows = "".join([f"{i},\n" for i in index_text.tolist()])
+    else:
+        value_text = flat[indices].astype(np.float32).astype(str)
+        rows = "".join([f"{i},{v}\n" for i, v in zip(index_text.tolist(), value_text.tolist())])
+    atomic_write_text(path, CSV_HEADER + "\n" + rows)
+    return Path(path)
+
+
+def write_dose_csv(dose: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a dose volume in the challenge's submission format (``dose.csv``: non-zero voxels, header ``,data``).
+
+    The dose is written as float32, with the shortest decimal that reads back to the same float32: reading the file
+    with ``read_sparse_csv`` / ``read_patient`` gives the float32 dose bit for bit.
+
+    Args:
+        dose: dose in Gy on the ``[row, column, slice]`` grid: a 3D numpy array or torch tensor, or ``[1, *grid]``.
+        path: the output file (e.g. ``<results>/pt_241.csv`` for a challenge submission).
+
+    Returns:
+        the path written.
+
+    Raises:
+        ValueError: when the dose is not 3D or holds NaN, infinite or negative values (clip predictions at 0 first).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = np.zeros((2, 2, 2), np.float32); d[1, 0, 1] = 61.25
+        >>> write_dose_csv(d, pathlib.Path(tempfile.mkdtemp()) / "pt_1.csv").read_text()
+        ',data\\n5,61.25\\n'
+    """
+    array = dose.detach().cpu().numpy() if hasattr(dose, "detach") else np.asarray(dose)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"{path}: dose must be a 3D volume (or [1, *grid]), got shape {tuple(array.shape)}")
+    array = array.astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{path}: dose holds NaN or infinite values")
+    if np.any(array < 0):
+        raise ValueError(f"{path}: dose holds negative values (min {float(array.min())}); clip predictions at 0 first")
+    return write_sparse_csv(path, array)
+
+
+def write_patient(patient: OpenKBPPatient, folder: str | os.PathLike[str]) -> Path:
+    """Write a patient in the challenge's layout: ``ct.csv``, ``dose.csv`` (if any), ``possible_dose_mask.csv``, one
+    ``<Structure>.csv`` per structure it has and ``voxel_dimensions.csv``; every file atomically.
+
+    Args:
+        patient: the patient (CT values are written as they are, not rescaled).
+        folder: the patient folder to write (created; usually ``.../<split>/<patient.id>``).
+
+    Returns:
+        the folder.
+
+    Example:
+        >>> import tempfile
+        >>> grid = (2, 2, 2)
+        >>> ct = np.full(grid, 1000.0, np.float32)
+        >>> p = OpenKBPPatient("pt_1", ct, None, ct > 0, {}, (3.9, 3.9, 2.5))
+        >>> out = write_patient(p, tempfile.mkdtemp() + "/pt_1")
+        >>> read_patient(out, grid_shape=grid).ct.max()
+        np.float32(1000.0)
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    write_sparse_csv(out / "ct.csv", patient.ct)
+    if patient.dose is not None:
+        write_dose_csv(patient.dose, out / "dose.csv")
+    write_sparse_csv(out / "possible_dose_mask.csv", patient.possible_dose_mask, mask=True)
+    for name, mask in patient.structures.items():
+        write_sparse_csv(out / f"{name}.csv", mask, mask=True)
+    # Same text layout as the publishers' files (numpy.savetxt's default format).
+    atomic_write_text(out / "voxel_dimensions.csv", "".join(f"{v:.18e}\n" for v in patient.voxel_size_mm))
+    return out

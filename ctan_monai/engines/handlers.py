@@ -1,0 +1,212 @@
+"""Ignite handlers for multi-task training: task weighting at epoch end, resuming from the latest checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader
+
+from ctan_monai.losses import MultiTaskLoss
+
+__all__ = [
+    "MetricsHistoryHandler",
+    "ProgressBarHandler",
+    "ResumeFromLatestCheckpoint",
+    "TaskWeightingHandler",
+    "TerminateOnNaNHandler",
+    "latest_checkpoint",
+]
+
+_EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+class TaskWeightingHandler:
+    """At the end of each training epoch: publish the per-task epoch-mean losses and the task weights in
+    ``engine.state.metrics`` (so StatsHandler and TensorBoard show them), then let the loss update its weighting
+    (DWA) for the next epoch. Attach it before the stats handlers.
+
+    Args:
+        loss: the trainer's ``MultiTaskLoss``.
+        name: logger name.
+
+    Example:
+        >>> from ctan_monai.losses import MultiTaskLoss
+        >>> handler = TaskWeightingHandler(MultiTaskLoss([{"name": "dx", "level": "image",
+        ...                                                "kind": "classification", "out_channels": 2}]))
+    """
+
+    def __init__(self, loss: MultiTaskLoss, name: str = "ctan_monai.weighting") -> None:
+        self.loss = loss
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``EPOCH_COMPLETED``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        used = self.loss.weights()
+        means = self.loss.epoch_completed()
+        for task, value in means.items():
+            if value is not None:
+                engine.state.metrics[f"train_loss_{task}"] = value
+            engine.state.metrics[f"weight_{task}"] = used[task]
+        self.logger.info(
+            "epoch %d task losses %s, weights used %s, next %s",
+            engine.state.epoch,
+            {k: None if v is None else round(v, 5) for k, v in means.items()},
+            {k: round(v, 4) for k, v in used.items()},
+            {k: round(v, 4) for k, v in self.loss.weights().items()},
+        )
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
+    """The ``checkpoint_epoch=N.pt`` file with the largest N in a folder, or None.
+
+    Args:
+        checkpoint_dir: the folder (need not exist).
+
+    Returns:
+        the path, or None when there is none.
+    """
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_RE.search(p.name))]
+    return str(max(found)[1]) if found else None
+
+
+class ResumeFromLatestCheckpoint:
+    """When training starts, load the latest ``checkpoint_epoch=N.pt`` of ``checkpoint_dir`` if there is one:
+    model, optimiser, loss weighting state, trainer state (epoch and iteration), so that rerunning the same command
+    after an interruption continues after epoch N instead of starting over. Does nothing on a fresh folder.
+
+    Args:
+        checkpoint_dir: where ``CheckpointSaver`` writes the epoch checkpoints.
+        load_dict: the objects to restore, as saved (e.g. ``{"model": net, "optimizer": opt, "loss": loss,
+            "trainer": trainer}``).
+        enabled: set False to always start from scratch.
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        RuntimeError: (from the loader) when the checkpoint does not fit the objects, e.g. another architecture
+            was trained in the same folder.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str],
+        load_dict: Mapping[str, Any],
+        enabled: bool = True,
+        map_location: Any = "cpu",
+    ) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.load_dict = dict(load_dict)
+        self.enabled = enabled
+        self.map_location = map_location
+        self.logger = logging.getLogger("ctan_monai.resume")
+        self.resumed_from: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``STARTED``."""
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.checkpoint_dir) if self.enabled else None
+        if path is None:
+            return
+        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location)(engine)
+        self.resumed_from = path
+        self.logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
+
+
+class TerminateOnNaNHandler:
+    """Stop training when the loss becomes NaN or infinite (Ignite's ``TerminateOnNan`` on the trainer's ``loss``),
+    so a diverged run ends at once with a message instead of writing NaN checkpoints for hours.
+
+    Args:
+        loss_key: key of the loss in ``engine.state.output``.
+    """
+
+    def __init__(self, loss_key: str = "loss") -> None:
+        self.loss_key = loss_key
+
+    def attach(self, engine: Engine) -> None:
+        """Register Ignite's ``TerminateOnNan`` on ``ITERATION_COMPLETED``."""
+        from ignite.handlers import TerminateOnNan
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda out: out[self.loss_key]))
+
+
+class ProgressBarHandler:
+    """A tqdm progress bar over the iterations of each epoch, showing the running loss (Ignite's ``ProgressBar``).
+
+    Args:
+        loss_key: key of the loss in ``engine.state.output``.
+        enabled: set False for non-interactive logs.
+    """
+
+    def __init__(self, loss_key: str = "loss", enabled: bool = True) -> None:
+        self.loss_key = loss_key
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        """Attach the bar."""
+        if not self.enabled:
+            return
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False).attach(
+            engine, output_transform=lambda out: {"loss": float(out[self.loss_key].detach())}
+        )
+
+
+class MetricsHistoryHandler:
+    """After each training epoch, append the trainer's and the evaluator's current metrics to
+    ``metrics_history.json`` and redraw ``learning_curves.png`` (both written atomically). On resume the existing
+    history is kept and continued.
+
+    Args:
+        output_dir: folder for the two files.
+        evaluator: the validation engine, whose metrics are recorded when it ran in that epoch.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], evaluator: Engine | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.evaluator = evaluator
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``EPOCH_COMPLETED`` (attach after the validation handler)."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        import json
+
+        from ctan_monai.engines.figures import plot_learning_curves
+        from ctan_monai.utils.atomic import atomic_write_json
+
+        path = self.output_dir / "metrics_history.json"
+        if not self.history and path.is_file():
+            self.history = {k: [tuple(p) for p in v] for k, v in json.loads(path.read_text()).items()}
+        epoch = engine.state.epoch
+        metrics = dict(engine.state.metrics)
+        evaluated = self.evaluator is not None and getattr(self.evaluator.state, "iteration", 0) > 0
+        if evaluated and self.evaluator.state.metrics and self._eval_ran_now(engine):
+            metrics.update(self.evaluator.state.metrics)
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                points = [p for p in self.history.setdefault(name, []) if p[0] != epoch]
+                self.history[name] = [*points, (epoch, float(value))]
+        atomic_write_json(path, self.history)
+        plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
+
+    def _eval_ran_now(self, engine: Engine) -> bool:
+        # The ValidationHandler runs the evaluator in this same EPOCH_COMPLETED event before us; MONAI's evaluator
+        # sets its epoch to the trainer's epoch it ran for.
+        return int(self.evaluator.state.epoch) == int(engine.state.epoch)

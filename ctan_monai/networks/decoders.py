@@ -1,0 +1,156 @@
+"""Task decoders: pixel level (U-Net-style up-sampling with skip connections) and image level (down-sampling with
+skip connections, global average pooling, fully connected layer). Both take the same inputs, so every
+architecture feeds every decoder the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+from ctan_monai.networks.blocks import conv_norm_act
+
+__all__ = ["ImageDecoder", "PixelDecoder"]
+
+
+def _match_size(x: torch.Tensor, reference: torch.Tensor, mode: str) -> torch.Tensor:
+    """Resize ``x`` to the spatial size of ``reference`` if they differ (odd input sizes)."""
+    if x.shape[2:] == reference.shape[2:]:
+        return x
+    return F.interpolate(x, size=reference.shape[2:], mode=mode, align_corners=False)
+
+
+class _UpBlock(nn.Module):
+    """Up-sample (bilinear / trilinear) to the skip's size, concatenate the skip, two 3x3 conv-BN-ReLU."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        self.conv1 = conv_norm_act(spatial_dims, in_channels + skip_channels, out_channels)
+        self.conv2 = conv_norm_act(spatial_dims, out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)
+        return self.conv2(self.conv1(torch.cat([x, skip], dim=1)))
+
+
+class PixelDecoder(nn.Module):
+    """Pixel-level decoder: three up-sampling blocks with skip connections from encoder stages 3, 2 and 1, a 1x1
+    convolution to the task's channels, and interpolation to the input size (the paper's decoder for segmentation
+    and dose).
+
+    Args:
+        spatial_dims: 2 or 3.
+        skip_channels: channels of the skip features of encoder stages 1, 2, 3.
+        bottleneck_channels: channels of the bottleneck feature (stage 4, after any attention).
+        out_channels: output channels (classes for segmentation, 1 for dose).
+        decoder_channels: widths of the three up-sampling blocks.
+
+    Example:
+        >>> dec = PixelDecoder(2, (64, 128, 256), 512, out_channels=5)
+        >>> skips = [torch.zeros(1, 64, 16, 16), torch.zeros(1, 128, 8, 8), torch.zeros(1, 256, 4, 4)]
+        >>> dec(skips, torch.zeros(1, 512, 2, 2), [64, 64]).shape
+        torch.Size([1, 5, 64, 64])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        skip_channels: Sequence[int],
+        bottleneck_channels: int,
+        out_channels: int,
+        decoder_channels: Sequence[int] = (256, 128, 64),
+    ) -> None:
+        super().__init__()
+        if len(skip_channels) != 3 or len(decoder_channels) != 3:
+            raise ValueError("PixelDecoder needs three skip widths and three decoder widths")
+        self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        widths = [bottleneck_channels, *decoder_channels]
+        self.up = nn.ModuleList(
+            [_UpBlock(spatial_dims, widths[i], skip_channels[2 - i], widths[i + 1]) for i in range(3)]
+        )
+        self.head = Conv[Conv.CONV, spatial_dims](decoder_channels[-1], out_channels, kernel_size=1)
+
+    def forward(self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int]) -> torch.Tensor:
+        """Decode.
+
+        Args:
+            skips: features of encoder stages 1, 2, 3 (finest first).
+            bottleneck: the stage-4 feature.
+            out_size: spatial size of the output (the input image's).
+
+        Returns:
+            [B, out_channels, *out_size].
+        """
+        x = bottleneck
+        for i, block in enumerate(self.up):
+            x = block(x, skips[2 - i])
+        x = self.head(x)
+        return F.interpolate(x, size=out_size, mode=self.mode, align_corners=False)
+
+
+class ImageDecoder(nn.Module):
+    """Image-level decoder with skip connections (paper Sec. 2.1): starting from the stage-1 feature, four
+    stride-2 3x3 conv-BN-ReLU down-sampling layers; after each of the first three the next encoder stage's feature
+    (stage 2, stage 3, then the bottleneck) is concatenated; then global average pooling, dropout and a fully
+    connected layer giving logits (sigmoid / softmax belong to the loss and the post-processing).
+
+    Args:
+        spatial_dims: 2 or 3.
+        skip_channels: channels of the skip features of encoder stages 1, 2, 3.
+        bottleneck_channels: channels of the bottleneck feature.
+        out_channels: number of logits (1 for a binary task).
+        decoder_channels: widths of the four down-sampling layers.
+        dropout: dropout before the fully connected layer.
+
+    Example:
+        >>> dec = ImageDecoder(2, (64, 128, 256), 512, out_channels=7)
+        >>> skips = [torch.zeros(2, 64, 16, 16), torch.zeros(2, 128, 8, 8), torch.zeros(2, 256, 4, 4)]
+        >>> dec(skips, torch.zeros(2, 512, 2, 2), [64, 64]).shape
+        torch.Size([2, 7])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        skip_channels: Sequence[int],
+        bottleneck_channels: int,
+        out_channels: int,
+        decoder_channels: Sequence[int] = (128, 256, 512, 512),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(skip_channels) != 3 or len(decoder_channels) != 4:
+            raise ValueError("ImageDecoder needs three skip widths and four decoder widths")
+        self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        fused = [skip_channels[1], skip_channels[2], bottleneck_channels, 0]
+        in_widths = [skip_channels[0]] + [decoder_channels[i] + fused[i] for i in range(3)]
+        self.down = nn.ModuleList(
+            [conv_norm_act(spatial_dims, in_widths[i], decoder_channels[i], stride=2) for i in range(4)]
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(decoder_channels[-1], out_channels)
+
+    def forward(self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int]) -> torch.Tensor:
+        """Decode.
+
+        Args:
+            skips: features of encoder stages 1, 2, 3 (finest first).
+            bottleneck: the stage-4 feature.
+            out_size: unused (the pixel decoder's signature, so all decoders are called alike).
+
+        Returns:
+            logits [B, out_channels].
+        """
+        fused = [skips[1], skips[2], bottleneck]
+        x = skips[0]
+        for i, layer in enumerate(self.down):
+            x = layer(x)
+            if i < 3:
+                x = torch.cat([x, _match_size(fused[i], x, self.mode)], dim=1)
+        x = self.pool(x).flatten(1)
+        return self.fc(self.dropout(x))
