@@ -1,0 +1,185 @@
+"""The OpenKBP bundle end to end on the synthetic demo: training through MONAI's bundle CLI, resume after a kill,
+metadata verification against the published schema (offline copy) and TorchScript export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, shared_file
+
+BUNDLE = REPO_ROOT / "bundles" / "ctan_openkbp"
+# a small, fast budget: resnet18, 16 random slices (2 iterations) per epoch
+QUICK = ["--backbone", "resnet18", "--train_slices_per_epoch", "16", "--progress_bar", "false", "--num_workers", "0"]
+
+pytestmark = pytest.mark.slow
+
+
+def _bundle_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 600) -> str:
+    proc = _bundle_cli(args, cwd)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(tmp_path_factory) -> Path:
+    """A copy of the bundle's configs in a temp folder, sharing one demo dataset and cache."""
+    root = tmp_path_factory.mktemp("bundle") / "ctan_openkbp"
+    shutil.copytree(BUNDLE / "configs", root / "configs")
+    (root / "models").mkdir()
+    return root
+
+
+def test_training_resumes_after_kill(bundle_copy: Path) -> None:
+    """Kill training once epoch 1's checkpoint exists, rerun the same command: it ends at the configured epoch
+    count, every epoch ran once, and optimiser and DWA state carried over."""
+    args = ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--epochs", "3", "--val_interval", "3"]
+    ckpt_dir = bundle_copy / "runs" / "ctan" / "checkpoints"
+    proc = _bundle_cli(args, bundle_copy, start_new_session=True)
+    deadline = time.time() + 400
+    while not (ckpt_dir / "checkpoint_epoch=1.pt").exists():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, "no checkpoint after 400 s"
+        time.sleep(0.5)
+    time.sleep(0.5)  # the saver renames the finished file into place; let the run go on into epoch 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = sorted(p.name for p in ckpt_dir.glob("checkpoint_epoch=*.pt"))
+    assert first and first[-1] in ("checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt")
+    killed_at = int(first[-1].split("=")[1].split(".")[0])
+    if killed_at == 3:
+        pytest.skip("training finished before it could be killed")
+
+    out = _run(args, bundle_copy)
+    assert "resumed from" in out
+    epochs_logged = [int(line.split("Epoch[")[1].split("]")[0]) for line in out.splitlines() if "Metrics --" in line]
+    assert min(epochs_logged) == killed_at + 1, out[-3000:]
+    assert max(epochs_logged) == 3
+    history = json.loads((bundle_copy / "runs" / "ctan" / "metrics_history.json").read_text())
+    assert [e for e, _ in history["train_loss_seg"]] == [1, 2, 3]
+    assert "val_mean_dice" in history and "val_dose_mae" in history
+
+    final = torch.load(ckpt_dir / "checkpoint_epoch=3.pt", map_location="cpu", weights_only=False)
+    assert final["trainer"]["iteration"] == 6 and final["trainer"]["max_epochs"] == 3
+    # Adam's step counter counts every iteration of the three epochs (2 per epoch): reinitialising it on
+    # resume would leave fewer
+    steps = {int(s["step"]) for s in final["optimizer"]["state"].values()}
+    assert steps == {6}
+    # the loss weighting saw the three epochs' means, the pre-kill one included (DWA needs the history)
+    weighting = final["loss"]["_extra_state"]["weighting"]
+    assert weighting["epoch"] == 3
+    assert len(weighting["history"]) == 3
+    assert [round(h["seg"], 6) for h in weighting["history"]] == [round(v, 6) for _, v in history["train_loss_seg"]]
+    report = json.loads((bundle_copy / "runs" / "ctan" / "validation" / "report.json").read_text())
+    assert report["summary"]["num_cases"] == 2
+    assert (bundle_copy / "models" / "model.pt").is_file()
+
+
+def test_arch_switch_and_evaluate(bundle_copy: Path) -> None:
+    """``--arch hps`` trains the baseline with everything else equal; evaluate.yaml reports on whole patients."""
+    _run(
+        ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--arch", "hps", "--epochs", "1"],
+        bundle_copy,
+    )
+    assert (bundle_copy / "models" / "hps" / "model.pt").is_file()
+    out = _run(
+        [
+            "run",
+            "evaluating",
+            "--config_file",
+            "['configs/train.yaml','configs/evaluate.yaml']",
+            "--arch",
+            "hps",
+            "--backbone",
+            "resnet18",
+        ],
+        bundle_copy,
+    )
+    assert "test_mean_dice" in out
+    report = json.loads((bundle_copy / "runs" / "hps" / "evaluation" / "report.json").read_text())
+    assert report["summary"]["num_cases"] == 2
+    assert 0 <= report["summary"]["dose_mae"] < 80
+    assert list((bundle_copy / "runs" / "hps" / "evaluation" / "figures").glob("*_slices.png"))
+
+
+def test_verify_metadata_against_published_schema(bundle_copy: Path, tmp_path: Path) -> None:
+    schema = shared_file("../schemas/meta_schema_20240725.json")
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert meta["schema"].endswith("meta_schema_20240725.json")
+    assert list(meta["network_data_format"]["outputs"])[0] == "pred"
+    assert meta["network_data_format"]["outputs"]["pred"]["format"] == "segmentation"
+    shutil.copy(schema, tmp_path / "schema.json")
+    out = _run(
+        [
+            "verify_metadata",
+            "--meta_file",
+            str(BUNDLE / "configs" / "metadata.json"),
+            "--filepath",
+            str(tmp_path / "schema.json"),
+        ],
+        tmp_path,
+        timeout=120,
+    )
+    assert "metadata is verified with no error" in out
+
+
+def test_ckpt_export_matches_checkpoint(bundle_copy: Path) -> None:
+    ckpt = bundle_copy / "models" / "model.pt"
+    if not ckpt.is_file():
+        pytest.skip("needs the model trained by test_training_resumes_after_kill")
+    _run(
+        [
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            "models/model.ts",
+            "--ckpt_file",
+            "models/model.pt",
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/train.yaml",
+            "--backbone",
+            "resnet18",
+        ],
+        bundle_copy,
+        timeout=300,
+    )
+    scripted = torch.jit.load(str(bundle_copy / "models" / "model.ts"))
+    from ctan_monai.networks import build_network
+
+    tasks = [
+        {"name": "seg", "level": "pixel", "kind": "segmentation", "out_channels": 5},
+        {"name": "dose", "level": "pixel", "kind": "regression", "out_channels": 1},
+    ]
+    net = build_network("ctan", tasks, backbone="resnet18")
+    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    net.eval()
+    x = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        eager, exported = net(x), scripted(x)
+    for name in ("seg", "dose"):
+        assert (eager[name] - exported[name]).abs().max() < 1e-4
