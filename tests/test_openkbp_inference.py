@@ -1,0 +1,124 @@
+"""The OpenKBP bundle's inference config (``configs/inference.yaml``) and multi-process training
+(``configs/multi_gpu_train.yaml`` under torchrun, gloo on CPU), both through MONAI's bundle CLI on the synthetic demo.
+
+Timings on 2 shared CPU cores: train + infer one patient ~25 s, torchrun training ~40 s, error checks ~13 s."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ctan_monai.data.openkbp import openkbp_affine, read_patient, read_sparse_csv
+from tests.conftest import REPO_ROOT
+
+BUNDLE = REPO_ROOT / "bundles" / "ctan_openkbp"
+QUICK = ["--backbone", "resnet18", "--train_slices_per_epoch", "16", "--progress_bar", "false", "--num_workers", "0"]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(command: list[str], cwd: Path, timeout: float = 600, expect_ok: bool = True) -> str:
+    """Run a command in ``cwd`` and return its output (stdout and stderr), asserting the exit status."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-4000:]
+    else:
+        assert proc.returncode != 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def _bundle(args: list[str], cwd: Path, **kwargs) -> str:
+    return _run([sys.executable, "-m", "monai.bundle", *args], cwd, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(tmp_path_factory) -> Path:
+    """A copy of the bundle's configs in a temp folder (the demo data is written there on first use)."""
+    root = tmp_path_factory.mktemp("bundle") / "ctan_openkbp"
+    shutil.copytree(BUNDLE / "configs", root / "configs")
+    (root / "models").mkdir()
+    return root
+
+
+def test_train_then_infer(bundle_copy: Path) -> None:
+    """A 1-epoch model, then inference.yaml on one validation patient: NIfTI geometry, label range and the dose CSV
+    reading back to the NIfTI dose bit for bit."""
+    _bundle(["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--epochs", "1"], bundle_copy)
+    ckpt = bundle_copy / "models" / "model.pt"
+    assert ckpt.is_file()
+    # a 1-epoch model may predict no dose above 0 anywhere, and a dose.csv listing no voxel is rejected by the reader:
+    # raise the dose head's bias so that the round trip has values to compare
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["decoders.dose.head.bias"] = state["decoders.dose.head.bias"] + 40.0
+    torch.save(state, ckpt)
+    patient_dir = bundle_copy / "demo_data" / "openkbp" / "provided-data" / "validation-pats" / "pt_7"
+    out_dir = bundle_copy / "predictions"
+    _bundle(
+        [
+            "run",
+            "--config_file",
+            "configs/inference.yaml",
+            "--backbone",
+            "resnet18",
+            "--input_dir",
+            str(patient_dir),
+            "--output_dir",
+            str(out_dir),
+        ],
+        bundle_copy,
+    )
+    patient = read_patient(patient_dir, structures=())
+    affine = openkbp_affine(patient.voxel_size_mm)
+    dose_img = nib.load(out_dir / "pt_7" / "dose.nii.gz")
+    seg_img = nib.load(out_dir / "pt_7" / "seg.nii.gz")
+    for image in (dose_img, seg_img):
+        assert image.shape == patient.ct.shape
+        np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    assert dose_img.get_data_dtype() == np.float32 and seg_img.get_data_dtype() == np.uint8
+    seg = np.asarray(seg_img.dataobj)
+    assert seg.min() >= 0 and seg.max() <= 4
+    dose = np.asarray(dose_img.dataobj)
+    assert dose.min() >= 0 and dose.max() > 0
+    assert not np.any(dose[~patient.possible_dose_mask])
+    indices, values = read_sparse_csv(out_dir / "pt_7" / "dose.csv", patient.ct.shape, kind="dose")
+    from_csv = np.zeros(dose.size, np.float32)
+    from_csv[indices] = values
+    np.testing.assert_array_equal(from_csv.reshape(dose.shape), dose)
+
+
+def test_inference_errors_name_the_folder(bundle_copy: Path, tmp_path: Path) -> None:
+    """An input folder without patients and a missing checkpoint each stop with a message naming the path."""
+    empty = tmp_path / "no_patients"
+    empty.mkdir()
+    out = _bundle(
+        ["run", "--config_file", "configs/inference.yaml", "--input_dir", str(empty)], bundle_copy, expect_ok=False
+    )
+    assert f"input_dir '{empty}'" in out
+    missing = tmp_path / "nowhere" / "model.pt"
+    out = _bundle(
+        ["run", "--config_file", "configs/inference.yaml", "--ckpt_path", str(missing)],
+        bundle_copy,
+        expect_ok=False,
+    )
+    assert f"not found in '{missing.parent}'" in out
+
+
+def test_multi_gpu_train_on_cpu(bundle_copy: Path) -> None:
+    """multi_gpu_train.yaml under torchrun with two processes (gloo): one epoch, a checkpoint written by rank 0."""
+    config = "['configs/train.yaml','configs/multi_gpu_train.yaml']"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
+    command += ["run", "training", "--config_file", config, *QUICK, "--epochs", "1", "--arch", "hps"]
+    _run(command, bundle_copy)
+    assert (bundle_copy / "models" / "hps" / "model.pt").is_file()
+    assert (bundle_copy / "runs" / "hps" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
