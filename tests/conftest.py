@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -68,3 +69,27 @@ def stoic_root() -> Path:
 def dicom_rt_root() -> Path:
     """Extracted real thorax DICOM-RT patient."""
     return extract_shared_archive("dicom_rt/onkodicom-thorax-rt.tar.gz")
+
+
+OPENKBP_BUNDLE = REPO_ROOT / "bundles" / "ctan_openkbp"
+# a small, fast training budget for bundle tests: resnet18, 16 random slices (2 iterations) per epoch
+QUICK_TRAIN_ARGS = [
+    "--backbone",
+    "resnet18",
+    "--train_slices_per_epoch",
+    "16",
+    "--progress_bar",
+    "false",
+    "--num_workers",
+    "0",
+]
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(tmp_path_factory) -> Path:
+    """A copy of the OpenKBP bundle's configs in a temp folder, one per test module (the demo data and cache are
+    written there on first use)."""
+    root = tmp_path_factory.mktemp("bundle") / "ctan_openkbp"
+    shutil.copytree(OPENKBP_BUNDLE / "configs", root / "configs")
+    (root / "models").mkdir()
+    return root

@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, shared_file
-
-BUNDLE = REPO_ROOT / "bundles" / "ctan_openkbp"
-# a small, fast budget: resnet18, 16 random slices (2 iterations) per epoch
-QUICK = ["--backbone", "resnet18", "--train_slices_per_epoch", "16", "--progress_bar", "false", "--num_workers", "0"]
+from tests.conftest import OPENKBP_BUNDLE as BUNDLE
+from tests.conftest import QUICK_TRAIN_ARGS as QUICK
+from tests.conftest import shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +40,6 @@ def _run(args: list[str], cwd: Path, timeout: float = 600) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
-
-
-@pytest.fixture(scope="module")
-def bundle_copy(tmp_path_factory) -> Path:
-    """A copy of the bundle's configs in a temp folder, sharing one demo dataset and cache."""
-    root = tmp_path_factory.mktemp("bundle") / "ctan_openkbp"
-    shutil.copytree(BUNDLE / "configs", root / "configs")
-    (root / "models").mkdir()
-    return root
 
 
 def test_training_resumes_after_kill(bundle_copy: Path) -> None:

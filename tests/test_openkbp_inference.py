@@ -6,7 +6,6 @@ Timings on 2 shared CPU cores: train + infer one patient ~25 s, torchrun trainin
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,7 @@ import pytest
 import torch
 
 from ctan_monai.data.openkbp import openkbp_affine, read_patient, read_sparse_csv
-from tests.conftest import REPO_ROOT
-
-BUNDLE = REPO_ROOT / "bundles" / "ctan_openkbp"
-QUICK = ["--backbone", "resnet18", "--train_slices_per_epoch", "16", "--progress_bar", "false", "--num_workers", "0"]
+from tests.conftest import QUICK_TRAIN_ARGS as QUICK
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +36,6 @@ def _run(command: list[str], cwd: Path, timeout: float = 600, expect_ok: bool = 
 
 def _bundle(args: list[str], cwd: Path, **kwargs) -> str:
     return _run([sys.executable, "-m", "monai.bundle", *args], cwd, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def bundle_copy(tmp_path_factory) -> Path:
-    """A copy of the bundle's configs in a temp folder (the demo data is written there on first use)."""
-    root = tmp_path_factory.mktemp("bundle") / "ctan_openkbp"
-    shutil.copytree(BUNDLE / "configs", root / "configs")
-    (root / "models").mkdir()
-    return root
 
 
 def test_train_then_infer(bundle_copy: Path) -> None:
