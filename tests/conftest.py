@@ -79,7 +79,7 @@ QUICK_TRAIN_ARGS = [
     "--train_slices_per_epoch",
     "16",
     "--progress_bar",
-    "false",
+    "False",
     "--num_workers",
     "0",
 ]

@@ -332,6 +332,11 @@ def test_dose_csv_round_trip_is_exact(tmp_path):
     back = np.zeros(dose.size, dtype=np.float32)
     back[indices] = read_values
     np.testing.assert_array_equal(back.reshape(SMALL_GRID), dose)  # bit-exact float32
+    # an all-zero prediction is written as one explicit zero, which the (strict) reader accepts
+    zero_path = write_dose_csv(np.zeros(SMALL_GRID, np.float32), tmp_path / "pt_0.csv")
+    assert zero_path.read_text() == ",data\n0,0.0\n"
+    indices, read_values = read_sparse_csv(zero_path, SMALL_GRID, kind="dose")
+    assert indices.tolist() == [0] and read_values.tolist() == [0.0]
     with pytest.raises(ValueError, match="negative"):
         write_dose_csv(-dose, tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="NaN"):
@@ -400,6 +405,20 @@ def test_real_cache_round_trip_and_reuse(real_dirs, tmp_path):
         np.asarray(nib.load(again[0]["dose"]).dataobj), read_patient(source_root / entries[0]["case_id"]).dose
     )
     assert os.stat(again[1]["image"]).st_mtime_ns != stamp[entries[1]["case_id"]]
+
+    # the cache alone (copied to a machine without the CSVs) trains as is; a mismatched or damaged cache is refused
+    from ctan_monai.apps.openkbp import prepare_openkbp
+
+    moved = tmp_path / "moved_cache"
+    shutil.copytree(cache, moved)
+    splits = prepare_openkbp(tmp_path / "no_sources", moved, DEFAULT_STRUCTURES)
+    assert [e["case_id"] for e in splits["train-pats"]] == [e["case_id"] for e in entries]
+    assert all(e["image"].startswith(str(moved)) for e in splits["train-pats"])
+    with pytest.raises(ValueError, match="cache made for structures"):
+        prepare_openkbp(tmp_path / "no_sources", moved, ["Brainstem"])
+    Path(splits["train-pats"][0]["dose"]).unlink()
+    with pytest.raises(FileNotFoundError, match="dose file .* is missing"):
+        prepare_openkbp(tmp_path / "no_sources", moved, DEFAULT_STRUCTURES)
 
 
 # ----------------------------------------------------------------------------------------------------- demo dataset

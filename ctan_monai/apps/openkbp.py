@@ -3,13 +3,20 @@ serve whole patients for slice-wise 3D evaluation."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctan_monai.data.openkbp import DEFAULT_STRUCTURES, convert_dataset, find_patient_folders
+from ctan_monai.data.openkbp import (
+    DEFAULT_STRUCTURES,
+    MANIFEST_NAME,
+    convert_dataset,
+    find_patient_folders,
+    load_manifest,
+)
 from ctan_monai.data.slices import load_case
 
 __all__ = ["LoadCased", "prepare_openkbp"]
@@ -29,7 +36,8 @@ def prepare_openkbp(
     and return the manifest entries per split (``train-pats``, ``validation-pats``, ``test-pats`` as present).
 
     Args:
-        dataset_dir: the OpenKBP ``provided-data`` folder or a folder above it.
+        dataset_dir: the OpenKBP ``provided-data`` folder or a folder above it. When it holds no patient but
+            ``cache_dir`` holds a manifest (a cache copied to a machine without the CSVs), the cache is used as is.
         cache_dir: the NIfTI cache (reused across runs; patients whose source changed are redone).
         structures: structures of the segmentation task, in label order.
         write_demo_if_missing: when ``dataset_dir`` holds no patient, write the synthetic demo dataset there (the
@@ -41,7 +49,9 @@ def prepare_openkbp(
         ``{split: [entry, ...]}``.
 
     Raises:
-        FileNotFoundError: when ``dataset_dir`` holds no OpenKBP patient (and no demo is to be written).
+        FileNotFoundError: when ``dataset_dir`` holds no OpenKBP patient (and no demo is to be written, and there is
+            no cache), or a cached file is missing.
+        ValueError: when a cache used without its sources was made for other structures.
         DatasetValidationError: listing every problem of every bad patient.
 
     Example:
@@ -53,6 +63,9 @@ def prepare_openkbp(
     try:
         find_patient_folders(dataset_dir)
     except FileNotFoundError:
+        manifest = Path(cache_dir) / MANIFEST_NAME
+        if not write_demo_if_missing and manifest.is_file():
+            return _splits_from_cache(manifest, structures, dataset_dir)
         if not write_demo_if_missing:
             raise
         from ctan_monai.data.demo.openkbp import write_openkbp_demo
@@ -64,6 +77,24 @@ def prepare_openkbp(
     for entry in entries:
         splits.setdefault(entry["split"], []).append(entry)
     logger.info("OpenKBP data: %s", {k: len(v) for k, v in splits.items()})
+    return splits
+
+
+def _splits_from_cache(manifest: Path, structures: Sequence[str], dataset_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The splits of an existing cache, checked against the requested structures and for missing files."""
+    recorded = json.loads(manifest.read_text(encoding="utf-8")).get("structures")
+    if list(recorded or []) != list(structures):
+        raise ValueError(f"{manifest}: cache made for structures {recorded}, not {list(structures)}; reconvert it")
+    entries = load_manifest(manifest)
+    for entry in entries:
+        for key in ("image", "label", "dose", "dose_mask"):
+            if key in entry and not Path(entry[key]).is_file():
+                raise FileNotFoundError(f"{manifest}: {entry['case_id']}'s {key} file {entry[key]} is missing")
+    logger.warning("no OpenKBP patients in %s: using the converted cache %s as it is", dataset_dir, manifest.parent)
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        splits.setdefault(entry["split"], []).append(entry)
+    logger.info("OpenKBP data (cache only): %s", {k: len(v) for k, v in splits.items()})
     return splits
 
 

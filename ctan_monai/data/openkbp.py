@@ -880,8 +880,9 @@ def write_sparse_csv(path: str | os.PathLike[str], volume: np.ndarray, mask: boo
 
     Args:
         path: the output file.
-        volume: the volume; values: its non-zero voxels are listed; ``mask=True``: its non-zero voxels are listed
-            with an empty value.
+        volume: the volume; values: its non-zero voxels are listed (an all-zero volume: one explicit ``0,0.0`` row,
+            so the file is not mistaken for a truncated one); ``mask=True``: its non-zero voxels are listed with an
+            empty value.
         mask: write a mask file.
 
     Returns:
@@ -898,6 +899,9 @@ def write_sparse_csv(path: str | os.PathLike[str], volume: np.ndarray, mask: boo
     index_text = indices.astype(str)
     if mask:
         rows = "".join([f"{i},\n" for i in index_text.tolist()])
+    elif indices.size == 0:
+        # an all-zero volume lists one explicit zero: a header-only file is what a truncated copy looks like
+        rows = "0,0.0\n"
     else:
         value_text = flat[indices].astype(np.float32).astype(str)
         rows = "".join([f"{i},{v}\n" for i, v in zip(index_text.tolist(), value_text.tolist())])

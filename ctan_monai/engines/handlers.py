@@ -149,9 +149,15 @@ class ProgressBarHandler:
     Args:
         loss_key: key of the loss in ``engine.state.output``.
         enabled: set False for non-interactive logs.
+
+    Raises:
+        TypeError: when ``enabled`` is not a bool.
     """
 
     def __init__(self, loss_key: str = "loss", enabled: bool = True) -> None:
+        if not isinstance(enabled, bool):
+            # `--progress_bar false` on the bundle command line arrives as the (truthy) string 'false'
+            raise TypeError(f"enabled must be True or False, got {enabled!r} (on the command line write False)")
         self.loss_key = loss_key
         self.enabled = enabled
 

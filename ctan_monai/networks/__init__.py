@@ -11,6 +11,7 @@ from ctan_monai.networks.attention import (
 from ctan_monai.networks.decoders import ImageDecoder, PixelDecoder
 from ctan_monai.networks.encoder import ResNetEncoder, WeightLoadReport, load_torchvision_resnet_weights
 from ctan_monai.networks.nets import ARCHITECTURES, CTAN, HPS, MTAN, STL, MultiTaskNet, build_network
+from ctan_monai.networks.wrappers import TaskOutput
 
 __all__ = [
     "ARCHITECTURES",
@@ -25,6 +26,7 @@ __all__ = [
     "ResNetEncoder",
     "TaskAttentionBlock",
     "TaskAttentionStage",
+    "TaskOutput",
     "WeightLoadReport",
     "build_network",
     "cross_task_attention",

@@ -1,0 +1,20 @@
+"""Method comparison (the paper's Table 2): train and evaluate STL, HPS, MTAN and CTAN with everything else equal,
+over several seeds, through a bundle's own commands; ``python -m ctan_monai.compare --help``."""
+
+from ctan_monai.compare.runner import RunPlan, environment_record, execute_run, load_finished_run
+from ctan_monai.compare.spec import ComparisonSpec, TaskMetric, load_comparison_spec, read_metric
+from ctan_monai.compare.table import format_markdown, summarise, to_csv
+
+__all__ = [
+    "ComparisonSpec",
+    "RunPlan",
+    "TaskMetric",
+    "environment_record",
+    "execute_run",
+    "format_markdown",
+    "load_comparison_spec",
+    "load_finished_run",
+    "read_metric",
+    "summarise",
+    "to_csv",
+]

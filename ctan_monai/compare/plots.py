@@ -1,0 +1,101 @@
+"""Figures of a comparison: learning curves per architecture (mean over seeds) and bars of each task's metric."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: comparisons run on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ctan_monai.compare.spec import ComparisonSpec  # noqa: E402
+from ctan_monai.utils.atomic import atomic_path  # noqa: E402
+
+__all__ = ["plot_learning_curves", "plot_metric_bars"]
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def plot_learning_curves(
+    run_dirs: Mapping[str, Sequence[Path]], keys: Sequence[str], path: str | os.PathLike[str]
+) -> bool:
+    """One panel per history key, one line per architecture (mean over its seeds, shaded min..max).
+
+    Args:
+        run_dirs: architecture to its runs' folders (each with ``metrics_history.json``).
+        keys: history keys to draw (``train_loss_seg``, ``val_mean_dice``, ...); absent keys are skipped.
+        path: the PNG to write.
+
+    Returns:
+        True when a figure was written (False when no run has any of the keys).
+    """
+    histories = {
+        arch: [
+            json.loads((d / "metrics_history.json").read_text()) for d in dirs if (d / "metrics_history.json").is_file()
+        ]
+        for arch, dirs in run_dirs.items()
+    }
+    present = [k for k in keys if any(k in h for hs in histories.values() for h in hs)]
+    if not present:
+        return False
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        for arch, hs in histories.items():
+            series = [dict((int(e), float(v)) for e, v in h[key]) for h in hs if key in h]
+            if not series:
+                continue
+            epochs = sorted(set().union(*series))
+            values = np.array([[s.get(e, math.nan) for e in epochs] for s in series])
+            ax.plot(epochs, np.nanmean(values, axis=0), marker="o", ms=3, label=arch.upper())
+            if len(series) > 1:
+                ax.fill_between(epochs, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_metric_bars(rows: Sequence[Mapping[str, Any]], spec: ComparisonSpec, path: str | os.PathLike[str]) -> None:
+    """One panel per task: the metric's mean over seeds per architecture, with the std as error bar.
+
+    Args:
+        rows: output of :func:`ctan_monai.compare.table.summarise`.
+        spec: the bundle's comparison settings.
+        path: the PNG to write.
+    """
+    fig, axes = plt.subplots(1, len(spec.metrics), figsize=(3.6 * len(spec.metrics), 3.2), squeeze=False)
+    ordered = sorted(
+        rows,
+        key=lambda r: (
+            ["stl", "hps", "mtan", "ctan"].index(r["arch"]) if r["arch"] in ("stl", "hps", "mtan", "ctan") else 9
+        ),
+    )
+    for ax, metric in zip(axes[0], spec.metrics):
+        names = [r["arch"].upper() for r in ordered]
+        means = [r["tasks"][metric.task]["mean"] for r in ordered]
+        stds = [r["tasks"][metric.task]["std"] for r in ordered]
+        ax.bar(names, means, yerr=stds, capsize=4, color=plt.cm.tab10(np.arange(len(names))))
+        finite = [m for m in means if not math.isnan(m)]
+        if finite:  # zoom in: the differences of interest are small next to the values
+            low, high = min(finite), max(finite)
+            pad = max((high - low) * 0.6, abs(high) * 0.02, 1e-6)
+            ax.set_ylim(max(0.0, low - pad) if low >= 0 else low - pad, high + pad)
+        arrow = "higher is better" if metric.higher_is_better else "lower is better"
+        ax.set_title(f"{metric.task}: {metric.label}\n({arrow})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)

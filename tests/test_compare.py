@@ -1,0 +1,140 @@
+"""The comparison command: table arithmetic on hand values, settings checks, and a tiny end-to-end comparison on the
+OpenKBP demo that is killed after its first run and resumed without redoing it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ctan_monai.compare import load_comparison_spec, summarise
+from ctan_monai.compare.__main__ import parse_overrides
+from ctan_monai.compare.table import format_markdown, to_csv
+from tests.conftest import OPENKBP_BUNDLE
+
+
+def _record(arch: str, seed: int, seg: float, dose: float) -> dict:
+    return {"arch": arch, "seed": seed, "metrics": {"seg": seg, "dose": dose}, "timings": {"train_s": 10.0}}
+
+
+def test_summary_matches_hand_computed_deltas_and_ranks():
+    spec = load_comparison_spec(OPENKBP_BUNDLE)
+    records = [
+        _record("stl", 0, 70.0, 2.0),
+        _record("stl", 1, 72.0, 2.2),
+        _record("ctan", 0, 77.0, 1.8),  # seg +10 %, dose +10 % (lower MAE is better)
+        _record("ctan", 1, 79.2, 1.98),  # seg +10 %, dose +10 %
+        _record("hps", 0, 63.0, 2.2),  # seg -10 %, dose -10 %
+        _record("hps", 1, 72.0, 2.2),  # seg 0 %, dose 0 %
+    ]
+    rows = summarise(records, spec)
+    assert [r["arch"] for r in rows] == ["ctan", "stl", "hps"]
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    ctan, stl, hps = rows
+    assert math.isclose(ctan["tasks"]["seg"]["delta_mean"], 10.0)
+    assert math.isclose(ctan["tasks"]["dose"]["delta_mean"], 10.0)
+    assert math.isclose(ctan["delta_mean"], 10.0) and math.isclose(ctan["delta_mean_std"], 0.0, abs_tol=1e-9)
+    assert math.isclose(stl["delta_mean"], 0.0)
+    assert math.isclose(hps["tasks"]["seg"]["delta_mean"], -5.0)
+    assert math.isclose(hps["tasks"]["seg"]["delta_std"], math.sqrt(50.0))
+    assert math.isclose(hps["tasks"]["seg"]["mean"], 67.5) and math.isclose(hps["tasks"]["seg"]["std"], math.sqrt(40.5))
+    # CTAN's seg gain (78.1 vs 71.0, spreads 1.56 and 1.41) is far beyond seed noise; HPS's (67.5, spread 6.4) is not
+    assert ctan["tasks"]["seg"]["beyond_noise"] and not hps["tasks"]["seg"]["beyond_noise"]
+    assert not stl["tasks"]["seg"]["beyond_noise"]
+    markdown = format_markdown(rows, spec)
+    assert markdown.splitlines()[2].startswith("| CTAN | 2 | 78.10 ± 1.56 | +10.00 ± 0.00 * |")
+    csv_lines = to_csv(rows, spec).splitlines()
+    assert csv_lines[0].startswith("arch,n_seeds,rank,delta_mean") and len(csv_lines) == 4
+
+
+def test_summary_needs_the_stl_baseline_and_keeps_undefined_metrics_visible():
+    spec = load_comparison_spec(OPENKBP_BUNDLE)
+    with pytest.raises(ValueError, match="no finished 'stl' run"):
+        summarise([_record("ctan", 0, 70.0, 2.0)], spec)
+    rows = summarise([_record("stl", 0, 70.0, 2.0), _record("ctan", 0, float("nan"), 1.0)], spec)
+    ctan = next(r for r in rows if r["arch"] == "ctan")
+    assert math.isnan(ctan["tasks"]["seg"]["delta_mean"]) and math.isnan(ctan["delta_mean"])
+    assert "n/a" in format_markdown(rows, spec)
+
+
+def test_overrides_and_spec_errors(tmp_path):
+    assert parse_overrides(["epochs=3", "train_slices_per_epoch=null", "amp=false"]) == {
+        "epochs": 3,
+        "train_slices_per_epoch": None,
+        "amp": False,
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["epochs"])
+    with pytest.raises(ValueError, match="sets 'arch' itself"):
+        parse_overrides(["arch=ctan"])
+    with pytest.raises(FileNotFoundError, match="no comparison settings"):
+        load_comparison_spec(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "compare.yaml").write_text("report: r.json\nmetrics:\n  seg: {path: a.b}\n")
+    with pytest.raises(ValueError, match="needs 'path' and 'higher_is_better'"):
+        load_comparison_spec(tmp_path)
+
+
+def _compare(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ctan_monai.compare", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_tiny_comparison_is_killed_and_resumes(bundle_copy: Path, tmp_path: Path):
+    """Two architectures, one epoch of 8 slices each on the demo: kill the comparison once STL has finished, rerun
+    the same command: STL is kept (not retrained), HPS completes, the table is well-formed."""
+    (bundle_copy / "configs" / "compare.yaml").write_text((OPENKBP_BUNDLE / "configs" / "compare.yaml").read_text())
+    out_dir = tmp_path / "cmp"
+    args = ["--bundle", str(bundle_copy), "--archs", "stl", "hps", "--seeds", "0", "--output_dir", str(out_dir)]
+    args += ["--set", "epochs=1", "--set", "train_slices_per_epoch=8", "--set", "batch_size=4"]
+    args += ["--set", "val_interval=2", "--set", "eval_figures=0"]
+    stl_record = out_dir / "runs" / "stl_seed0" / "run.json"
+    proc = _compare(args, tmp_path, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if stl_record.is_file() and json.loads(stl_record.read_text()).get("status") == "finished":
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    finished_at = stl_record.stat().st_mtime_ns
+    assert not (out_dir / "table.md").exists()
+
+    proc = _compare(args, tmp_path)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stl_seed0: finished earlier, kept" in out
+    assert stl_record.stat().st_mtime_ns == finished_at
+    runs = json.loads((out_dir / "runs.json").read_text())["runs"]
+    assert sorted(r["arch"] for r in runs) == ["hps", "stl"]
+    for record in runs:
+        assert record["status"] == "finished" and record["environment"]["torch"]
+        assert 0.0 <= record["metrics"]["seg"] <= 100.0 and record["metrics"]["dose"] >= 0.0
+        assert record["timings"]["train_s"] > 0
+    table = (out_dir / "table.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("| Method"))
+    assert {table[header + 2].split(" | ")[0], table[header + 3].split(" | ")[0]} == {"| STL", "| HPS"}
+    assert (out_dir / "table.csv").read_text().count("\n") == 3
+    assert (out_dir / "metrics.png").stat().st_size > 0 and (out_dir / "learning_curves.png").stat().st_size > 0
+
+    # the same output folder with other settings is refused instead of mixing unlike runs
+    proc = _compare([*args[:-2], "--set", "eval_figures=1"], tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "finished with other settings" in out
