@@ -1,5 +1,6 @@
 """Engine pieces for multi-task bundles: batch preparation, handlers, whole-volume evaluation, figures."""
 
+from ctan_monai.engines.checkpoints import AtomicCheckpointSaver
 from ctan_monai.engines.evaluation import VolumeEvaluationHandler, openkbp_dvh_structures
 from ctan_monai.engines.handlers import (
     MetricsHistoryHandler,
@@ -12,6 +13,7 @@ from ctan_monai.engines.handlers import (
 from ctan_monai.engines.prepare_batch import MultiTaskPrepareBatch
 
 __all__ = [
+    "AtomicCheckpointSaver",
     "MetricsHistoryHandler",
     "MultiTaskPrepareBatch",
     "ProgressBarHandler",

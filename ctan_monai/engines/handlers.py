@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,10 @@ class TaskWeightingHandler:
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
-    """The ``checkpoint_epoch=N.pt`` file with the largest N in a folder, or None.
+    """The readable ``checkpoint_epoch=N.pt`` file with the largest N in a folder, or None.
+
+    A file that is not a complete archive (a write cut short by a kill, with a saver that is not atomic) is skipped
+    with a warning, so a resume falls back to the previous epoch instead of failing on it.
 
     Args:
         checkpoint_dir: the folder (need not exist).
@@ -77,8 +81,12 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_RE.search(p.name))]
-    return str(max(found)[1]) if found else None
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_RE.search(p.name))), reverse=True)
+    for _, path in found:
+        if zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one has no central directory
+            return str(path)
+        logging.getLogger("ctan_monai.resume").warning("%s is incomplete (interrupted write?): skipped", path)
+    return None
 
 
 class ResumeFromLatestCheckpoint:
