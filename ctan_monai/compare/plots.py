@@ -49,7 +49,7 @@ def plot_learning_curves(
     present = [k for k in keys if any(k in h for hs in histories.values() for h in hs)]
     if not present:
         return False
-    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False, layout="constrained")
     for ax, key in zip(axes[0], present):
         for arch, hs in histories.items():
             series = [dict((int(e), float(v)) for e, v in h[key]) for h in hs if key in h]
@@ -64,7 +64,6 @@ def plot_learning_curves(
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
     _save(fig, path)
     return True
 

@@ -136,7 +136,7 @@ def plot_learning_curves(history: Mapping[str, Sequence[tuple[int, float]]], pat
         return
     cols = min(3, len(names))
     rows = int(np.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, layout="constrained")
     for ax, name in zip(axes.ravel(), names):
         epochs, values = zip(*history[name])
         ax.plot(epochs, values, marker="o", markersize=3)
