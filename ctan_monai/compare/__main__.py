@@ -140,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--timeout_min", type=float, default=None, help="limit per training or evaluation")
     parser.add_argument("--keep_going", action="store_true", help="after a failed run, go on with the others")
+    parser.add_argument(
+        "--table_only", action="store_true", help="run nothing: write the table from the runs finished so far"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -171,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if finished is not None:
             logger.info("[%d/%d] %s: finished earlier, kept", index, len(plans), plan.name)
             records.append(finished)
+            continue
+        if args.table_only:
+            logger.warning("[%d/%d] %s: not finished, left out of the table", index, len(plans), plan.name)
             continue
         logger.info("[%d/%d] %s: training and evaluating in %s", index, len(plans), plan.name, plan.run_dir)
         try:
