@@ -102,10 +102,14 @@ def test_inference_errors_name_the_folder(bundle_copy: Path, tmp_path: Path) -> 
 
 
 def test_multi_gpu_train_on_cpu(bundle_copy: Path) -> None:
-    """multi_gpu_train.yaml under torchrun with two processes (gloo): one epoch, a checkpoint written by rank 0."""
+    """multi_gpu_train.yaml under torchrun with two processes (gloo): one epoch with a validation in it (rank 0 alone
+    validates: through the DDP wrapper it would wait for the other rank in the buffer broadcast), a checkpoint and a
+    validation report written by rank 0."""
     config = "['configs/train.yaml','configs/multi_gpu_train.yaml']"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
-    command += ["run", "training", "--config_file", config, *QUICK, "--epochs", "1", "--arch", "hps"]
+    command += ["run", "training", "--config_file", config, *QUICK, "--epochs", "1", "--val_interval", "1"]
+    command += ["--arch", "hps"]
     _run(command, bundle_copy)
+    assert (bundle_copy / "runs" / "hps" / "validation" / "report.json").is_file()
     assert (bundle_copy / "models" / "hps" / "model.pt").is_file()
     assert (bundle_copy / "runs" / "hps" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
