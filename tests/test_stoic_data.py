@@ -295,6 +295,45 @@ def test_3d_dataset_runs_end_to_end(demo_manifest: dict) -> None:
     assert torch.isfinite(loss) and head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
+def test_original_file_gives_the_cached_input(demo_root: Path, demo_manifest: dict) -> None:
+    """Inference reads the .mha and preprocesses it on the fly; training reads the cache: both give the network the
+    same slices and the same tensors, in 2.5D and in 3D."""
+    for entry in demo_manifest["cases"][:2]:
+        source = {"image": entry["source"]}
+        cached = stoic.Stoic25DDataset([entry], training=False, image_size=32, eval_slices=4)[0]
+        original = stoic.stoic_transform(
+            2, training=False, image_size=32, num_slices=4, source="original", spacing=DEMO_SPACING, labels=False
+        )(source)
+        assert [s["slice_index"] for s in original] == [s["slice_index"] for s in cached]
+        for a, b in zip(original, cached):
+            assert a["case_id"] == b["case_id"] == entry["case_id"] and "covid" not in a
+            assert torch.allclose(a["image"], b["image"], atol=1e-6)
+        volume = stoic.stoic_transform(3, volume_size=16, source="original", spacing=DEMO_SPACING, labels=False)(source)
+        assert torch.allclose(volume["image"], stoic.Stoic3DDataset([entry], volume_size=16)[0]["image"], atol=1e-6)
+    with pytest.raises(ValueError, match="source must be 'cache' or 'original'"):
+        stoic.stoic_transform(source="dicom")
+    with pytest.raises(ValueError, match="spatial_dims must be 2"):
+        stoic.stoic_transform(spatial_dims=1)
+
+
+def test_load_original_ct_errors_name_the_file(demo_root: Path, tmp_path: Path) -> None:
+    loader = stoic.LoadStoicCTd("image", spacing=DEMO_SPACING)
+    missing = tmp_path / "404.mha"
+    with pytest.raises(DatasetValidationError, match=r"\[404\] .*404.mha: image file not found"):
+        loader({"image": str(missing)})
+    shifted = tmp_path / "7.mha"
+    image = sitk.ReadImage(str(next((demo_root / "data" / "mha").glob("*.mha"))))
+    sitk.WriteImage(sitk.Cast(image + 1024, sitk.sitkUInt16), str(shifted))
+    with pytest.raises(DatasetValidationError, match=r"\[7\] .*7.mha: no air"):
+        loader({"image": str(shifted)})
+    blank = tmp_path / "8.mha"
+    no_lungs = np.full((40, 64, 64), 40, np.int16)
+    no_lungs[..., :10] = -1000  # air beside a block of tissue: HU-like, but nothing enclosed
+    sitk.WriteImage(sitk.GetImageFromArray(no_lungs), str(blank))
+    with pytest.raises(ValueError, match=r"\[8\] .*8.mha: no lungs found"):
+        loader({"image": str(blank)})
+
+
 # ---------------------------------------------------------------------------------------------------------- demo data
 def test_demo_writer_layout_labels_and_lesions(demo_root: Path) -> None:
     assert "SYNTHETIC" in (demo_root / "README.txt").read_text()
@@ -366,9 +405,57 @@ def test_real_ct_geometry_labels_and_lung_slices(stoic_root: Path, tmp_path: Pat
         # Independent check of the evaluation slices: in each, air enclosed by tissue (found here per slice, without
         # the package's 3D lung mask) covers >= 5 % of the slice and lies on both sides of the body's midline.
         for sample in stoic.Stoic25DDataset([case], training=False, image_size=64, eval_slices=8)[0]:
-            plane = hu[..., sample["slice_index"]]
-            enclosed = ndimage.binary_fill_holes(plane > -500) & (plane <= -500)
-            body_columns = np.flatnonzero((plane > -500).any(axis=1))
-            midline = (body_columns.min() + body_columns.max()) / 2
-            left, right = enclosed[: int(midline)].sum(), enclosed[int(midline) :].sum()
-            assert enclosed.mean() > 0.05 and min(left, right) > 0.2 * max(left, right), (case["case_id"], sample)
+            _assert_slab_in_lungs(hu, sample["slice_index"], min_fraction=0.05, where=case["case_id"])
+
+
+def _enclosed_air(plane: np.ndarray) -> np.ndarray:
+    """Air (<= -500 HU) enclosed by tissue within one axial plane: the lungs, found without the package's masks."""
+    return ndimage.binary_fill_holes(plane > -500) & (plane <= -500)
+
+
+def _assert_slab_in_lungs(hu: np.ndarray, z: int, min_fraction: float, where: str, neighbours: bool = False) -> None:
+    """The slab centred on axial slice ``z`` of ``hu`` ``[x, y, z]`` lies inside the lungs: in its centre slice (and,
+    with ``neighbours``, in slices z-1 and z+1 too), enclosed air covers at least ``min_fraction`` of the slice and
+    lies on both sides of the body's midline, two lungs and not bowel gas: each side at least a fifth of the other in
+    the centre slice, a tenth in z-1 and z+1 (near the bases the two lungs end at different heights)."""
+    for k in (-1, 0, 1) if neighbours else (0,):
+        side_ratio = 0.2 if k == 0 else 0.1
+        plane = hu[..., z + k]
+        enclosed = _enclosed_air(plane)
+        body_columns = np.flatnonzero((plane > -500).any(axis=1))
+        midline = int((body_columns.min() + body_columns.max()) / 2)
+        left, right = enclosed[:midline].sum(), enclosed[midline:].sum()
+        assert enclosed.mean() >= min_fraction, (where, z, k, enclosed.mean())
+        assert min(left, right) > side_ratio * max(left, right), (where, z, k, left, right)
+
+
+@pytest.mark.realdata
+def test_real_ct_inference_path_slices_inside_lungs(stoic_root: Path) -> None:
+    """The bundle's default preprocessing (the demo grid, 3.5 x 3.5 x 5 mm) read straight from the real .mha, as
+    inference does: the geometry is kept, and every 2.5D candidate slab (so any random training draw and the fixed
+    evaluation slices) lies inside the lungs by the independent per-slice check, z-1 and z+1 included."""
+    spacing = (3.5, 3.5, 5.0)
+    root = stoic.find_stoic_root(stoic_root)
+    for path in sorted((root / "data" / "mha").glob("*.mha")):
+        item = stoic.LoadStoicCTd("image", spacing=spacing)({"image": str(path)})
+        hu = item["image"][0].numpy()  # [x, y, z] HU
+        source = sitk.ReadImage(str(path))
+        ct = stoic.preprocess_volume(source, spacing)
+        assert hu.shape == sitk.GetArrayFromImage(ct.image).T.shape and item["case_id"] == path.stem
+        # the crop lies within the scan's physical extent (identity direction: index order is x, y, z)
+        extent = np.array(source.GetOrigin()) + (np.array(source.GetSize()) - 1) * np.array(source.GetSpacing())
+        crop_end = np.array(ct.image.GetOrigin()) + (np.array(hu.shape) - 1) * np.array(spacing)
+        assert ct.image.GetOrigin()[2] >= source.GetOrigin()[2] - 1e-3 and crop_end[2] <= extent[2] + 1e-3
+        candidates = item["lung_slices"]
+        assert len(candidates) >= 20  # at 5 mm, a chest CT's lungs span far more than 20 slices
+        per_slice = np.array([_enclosed_air(hu[..., z]).mean() for z in range(hu.shape[2])])
+        for z in candidates:
+            _assert_slab_in_lungs(hu, z, min_fraction=0.03, where=path.name, neighbours=True)
+            assert per_slice[z] >= 0.2 * per_slice.max()  # not a lung tip: at least a fifth of the fullest slice
+        chosen = stoic.SampleAxialSlabsd("image", num_samples=8, random=False)(item)
+        assert [s["slice_index"] for s in chosen] == stoic.evenly_spaced(candidates, 8)
+        drawn = stoic.SampleAxialSlabsd("image", num_samples=4, random=True)
+        drawn.set_random_state(seed=0)
+        assert all(s["slice_index"] in candidates for _ in range(3) for s in drawn(item))
+        z = chosen[0]["slice_index"]  # the slab is slices z-1, z, z+1 as channels
+        assert np.array_equal(chosen[0]["image"].numpy(), np.moveaxis(hu[..., z - 1 : z + 2], -1, 0))

@@ -1,0 +1,140 @@
+"""One-time conversion of a STOIC dataset into a NIfTI cache (preprocessed HU volume, lung mask, 2.5D centre slices)
+with a manifest; unchanged cases are reused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from ctan_monai.data.stoic.checks import intensity_problems, validate_dataset
+from ctan_monai.data.stoic.labels import datalist_entry, find_stoic_root, read_reference
+from ctan_monai.data.stoic.preprocessing import (
+    CROP_MARGIN_MM,
+    DEFAULT_SPACING,
+    MIN_LUNG_AREA_FRACTION,
+    preprocess_with_lung_slices,
+)
+from ctan_monai.data.validation import DatasetValidationError, ValidationReport
+from ctan_monai.utils.atomic import atomic_path, atomic_write_json
+
+__all__ = ["convert_dataset"]
+
+logger = logging.getLogger("ctan_monai.data.stoic")
+
+CONVERSION_VERSION = 1
+
+
+def _source_fingerprint(path: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    stat = path.stat()
+    return {"source": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **settings}
+
+
+def _convert_case(entry: Mapping[str, Any], cache_dir: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert one case to the cache (or reuse it) and return its cache record. Raises ``ValueError`` on bad data."""
+    source = Path(entry["image"])
+    case = entry["case_id"]
+    record_path = cache_dir / f"{case}.json"
+    fingerprint = _source_fingerprint(source, settings)
+    if record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("fingerprint") == fingerprint and all(Path(record[k]).is_file() for k in ("image", "lung_mask")):
+            return record
+    image = sitk.ReadImage(str(source))
+    problems = intensity_problems(sitk.GetArrayViewFromImage(image))
+    if problems:
+        raise ValueError("; ".join(problems))
+    ct, lung_slices = preprocess_with_lung_slices(
+        image, settings["spacing"], settings["margin_mm"], settings["min_area_fraction"]
+    )
+    record = {
+        "image": str(cache_dir / f"{case}_ct.nii.gz"),
+        "lung_mask": str(cache_dir / f"{case}_lung.nii.gz"),
+        "lung_slices": lung_slices,
+        "spacing": list(ct.image.GetSpacing()),
+        "size": list(ct.image.GetSize()),
+        "body_box": [list(ct.body_box[0]), list(ct.body_box[1])],
+        "fingerprint": fingerprint,
+    }
+    for key, volume in (("image", ct.image), ("lung_mask", ct.lung_mask)):
+        with atomic_path(record[key]) as tmp:
+            sitk.WriteImage(volume, str(tmp), True)
+    atomic_write_json(record_path, record)  # written last: its presence means the case is complete
+    return record
+
+
+def convert_dataset(
+    root: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    spacing: Sequence[float] = DEFAULT_SPACING,
+    margin_mm: float = CROP_MARGIN_MM,
+    min_area_fraction: float = MIN_LUNG_AREA_FRACTION,
+    skip_bad_cases: bool = False,
+) -> dict[str, Any]:
+    """Validate a STOIC dataset, preprocess every case once into ``cache_dir`` (NIfTI), and write ``manifest.json``.
+
+    Headers and labels are validated before any conversion. A case already converted with the same settings from
+    the same (unchanged) file is reused, not redone. Every file is written atomically; a case's record JSON is
+    written last, so an interrupted conversion is redone, never trusted. Labels are always taken from the current
+    reference.csv (a label fix needs no reconversion).
+
+    Args:
+        root: the dataset folder (see ``find_stoic_root``).
+        cache_dir: where the NIfTI volumes, per-case records and ``manifest.json`` go.
+        spacing: resampling voxel size in mm, (x, y, z).
+        margin_mm: crop margin (see ``preprocess_volume``).
+        min_area_fraction: lung-area fraction that makes a slice a 2.5D centre (see ``lung_slice_candidates``).
+        skip_bad_cases: leave bad cases out (listed under ``"skipped"`` and logged) instead of raising.
+
+    Returns:
+        the manifest: ``{"settings": ..., "cases": [datalist entries with "image" (cached CT), "lung_mask",
+        "lung_slices", "source" (the mha), labels and presence flags], "skipped": [problem strings]}``.
+
+    Raises:
+        DatasetValidationError: listing every problem, unless ``skip_bad_cases``.
+
+    Example:
+        >>> manifest = convert_dataset("stoic2021", "cache/stoic", spacing=(1.5, 1.5, 2.0))  # doctest: +SKIP
+        >>> train_ds = Stoic25DDataset(manifest["cases"], training=True)  # doctest: +SKIP
+    """
+    root = find_stoic_root(root)
+    cache_dir = Path(cache_dir)
+    settings = {
+        "spacing": [float(s) for s in spacing],
+        "margin_mm": float(margin_mm),
+        "min_area_fraction": float(min_area_fraction),
+        "version": CONVERSION_VERSION,
+    }
+    report = validate_dataset(root, check_intensities=False)
+    if report.problems and not skip_bad_cases:
+        report.raise_if_problems()
+    labels = read_reference(root / "metadata" / "reference.csv", ValidationReport(str(root)))
+    cases = []
+    for case in report.valid_cases:
+        entry = datalist_entry(case, root / "data" / "mha" / f"{case}.mha", labels[case])
+        try:
+            record = _convert_case(entry, cache_dir, settings)
+        except (ValueError, RuntimeError) as err:
+            report.add(entry["image"], str(err).strip().splitlines()[-1], case)
+            continue
+        cases.append(
+            {
+                **entry,
+                "source": entry["image"],
+                "image": record["image"],
+                "lung_mask": record["lung_mask"],
+                "lung_slices": record["lung_slices"],
+            }
+        )
+    if report.problems and not skip_bad_cases:
+        raise DatasetValidationError(report.problems, str(root))
+    for problem in report.problems:
+        logger.warning("STOIC case skipped: %s", problem)
+    manifest = {"settings": settings, "cases": cases, "skipped": [str(p) for p in report.problems]}
+    atomic_write_json(cache_dir / "manifest.json", manifest)
+    return manifest
