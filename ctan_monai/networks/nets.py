@@ -303,6 +303,7 @@ def build_network(
     spatial_dims: int = 2,
     in_channels: int = 1,
     pretrained_weights: str | os.PathLike[str] | None = None,
+    options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build one of the four architectures by name: the single entry point for bundle configs
@@ -315,6 +316,8 @@ def build_network(
         spatial_dims: 2 or 3.
         in_channels: input channels.
         pretrained_weights: optional local file with torchvision-format ImageNet ResNet weights (never downloaded).
+        options: architecture options as one mapping (a config can pass ``{'ctab_normalization': ...}`` for CTAN
+            and ``{}`` for the baselines); merged under ``kwargs``.
         **kwargs: architecture options (e.g. ``ctab_normalization`` for CTAN, decoder widths); options that an
             architecture does not take are rejected with an error naming them.
 
@@ -334,6 +337,7 @@ def build_network(
     key = str(arch).lower()
     if key not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    kwargs = {**dict(options or {}), **kwargs}
     ctan_only = {"ctab_channels", "ctab_normalization", "ctab_residual"}
     attention_only = {"reduction"}
     allowed = {"bottleneck_channels", "pixel_decoder_channels", "image_decoder_channels", "dropout", "stem_stride"}
