@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import pickle
+import re
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -526,7 +527,17 @@ def test_real_archive_datalist_and_splits(real_dir: Path, tmp_path: Path) -> Non
     assert sum(len(v) for v in splits.values()) == 8024
     for name, fraction in (("training", 0.7), ("validation", 0.15), ("test", 0.15)):
         assert abs(len(splits[name]) / 8024 - fraction) < 0.02
-    print("\nHAM10000 real subset, split by lesion (seed 0):\n" + class_count_table(splits))
+    table = class_count_table(splits)
+    print("\nHAM10000 real subset, split by lesion (seed 0):\n" + table)
+    # the reported counts: every class in every split, summing to the split sizes, as recorded in the split file
+    cells = {line.split()[0]: re.findall(r"(\d+) \(\s*[\d.]+%\)", line) for line in table.splitlines()[1:8]}
+    images = table.splitlines()[8].split()
+    recorded = json.loads((tmp_path / "splits.json").read_text())["class_counts"]
+    for column, name in enumerate(("training", "validation", "test")):
+        reported = {c: int(cells[c][column]) for c in CLASSES}
+        assert reported == recorded[name] == class_counts(splits[name])
+        assert images[0] == "images" and sum(reported.values()) == int(images[1 + column]) == len(splits[name])
+        assert all(reported[c] > 0 for c in CLASSES), (name, reported)  # stratified: every class in every split
     assert load_split(tmp_path / "splits.json") == splits
     sample = train_transforms().set_random_state(seed=0)(splits["training"][0])
     assert tuple(sample["image"].shape) == (3, 224, 224) and set(sample["seg"].unique().tolist()) <= {0, 1}

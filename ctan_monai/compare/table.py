@@ -63,9 +63,7 @@ def summarise(records: Sequence[Mapping[str, Any]], spec: ComparisonSpec, baseli
             mean, std = _mean_std(values)
             base_mean, base_std = _mean_std(base_values)
             paired = [
-                delta_task(
-                    runs[s]["metrics"][metric.task], base_runs[s]["metrics"][metric.task], metric.higher_is_better
-                )
+                _delta_or_nan(runs[s]["metrics"][metric.task], base_runs[s]["metrics"][metric.task], metric)
                 for s in sorted(runs)
                 if s in base_runs
             ]
@@ -92,6 +90,14 @@ def summarise(records: Sequence[Mapping[str, Any]], spec: ComparisonSpec, baseli
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     return rows
+
+
+def _delta_or_nan(value: float, base: float, metric: Any) -> float:
+    """Delta (Eq. 3), or NaN where it is undefined (an STL metric of 0, e.g. a Dice of 0 after a short budget)."""
+    try:
+        return delta_task(value, base, metric.higher_is_better)
+    except ValueError:
+        return float("nan")
 
 
 def _pm(mean: float, std: float, digits: int, signed: bool = False) -> str:
