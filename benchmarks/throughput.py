@@ -53,6 +53,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,18 +75,29 @@ from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
 
 __all__ = [
     "ARCHS",
+    "PIPELINES",
     "SETTINGS",
     "ArchBench",
     "BenchmarkOptions",
     "BenchmarkSetting",
+    "PipelineSpec",
     "PipelineUnavailableError",
+    "ResidentPeak",
     "benchmark_pipeline",
     "benchmark_setting",
     "check_archs",
+    "cpu_memory_probe",
+    "evaluate_targets",
+    "machine_info",
+    "main",
     "markdown_report",
     "paired_ratio",
+    "peak_memory",
+    "profile_train_step",
+    "resolve_settings",
     "round_robin_orders",
     "run",
+    "synthetic_batch",
 ]
 
 SCHEMA = "ctan_monai.benchmarks.throughput/1"
@@ -214,7 +226,8 @@ class BenchmarkOptions:
         pipeline_warmup: untimed batches (worker start-up, first file reads).
         pipeline_patients: patients (images for HAM10000: 20 per patient) of demo or real data the pipeline uses.
         data_root: where demo data and caches are written (reused across runs).
-        dataset_dirs: ``{setting: path}`` of real data to use instead of the demo.
+        dataset_dirs: ``{setting: path}`` of real data to use instead of the demo (for OpenKBP also a NIfTI cache
+            folder holding the ``manifest.json`` of ``convert_dataset``).
         threads: torch intra-op threads (0: PyTorch's default).
         cudnn_benchmark: let cuDNN pick the fastest convolution algorithms (CUDA; fixed shapes).
     """
@@ -720,7 +733,7 @@ def _probe_in_subprocess(setting: BenchmarkSetting, arch: str, options: Benchmar
 
 
 # --------------------------------------------------------------------------------------------------------- profiling
-def profile_train_step(bench: ArchBench, top: int) -> list[dict[str, Any]]:
+def profile_train_step(bench: ArchBench, top: int) -> dict[str, Any]:
     """Profile one training step with ``torch.profiler`` and return the ``top`` operators by self time.
 
     The top-level modules (encoder, attention stages, CTAB, decoders) are marked with ``record_function`` ranges
@@ -731,7 +744,10 @@ def profile_train_step(bench: ArchBench, top: int) -> list[dict[str, Any]]:
         top: number of rows.
 
     Returns:
-        rows ``{"name", "calls", "self_cpu_ms", "cpu_total_ms", "self_device_ms"}``, largest self time first.
+        ``{"step_s" (the profiled step, profiler overhead included), "total_self_cpu_ms", "total_self_device_ms"
+        (sums over all operators), "operators": the ``top`` operators by self time (device time on CUDA),
+        "modules": the modules' rows}``; rows are ``{"name", "calls", "self_cpu_ms", "cpu_total_ms",
+        "self_device_ms"}``.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -756,29 +772,38 @@ def profile_train_step(bench: ArchBench, top: int) -> list[dict[str, Any]]:
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     try:
         bench.train_step()
+        _synchronize(bench.device)
+        start = time.perf_counter()
         with profile(activities=activities) as prof:
             bench.train_step()
             _synchronize(bench.device)
+        step = time.perf_counter() - start
     finally:
         for handle in handles:
             handle.remove()
-    device_attr = "self_device_time_total"
     rows = []
     for event in prof.key_averages():
-        self_device = getattr(event, device_attr, getattr(event, "self_cuda_time_total", 0.0)) or 0.0
+        self_device = getattr(event, "self_device_time_total", None)
+        if self_device is None:  # older PyTorch
+            self_device = getattr(event, "self_cuda_time_total", 0.0)
         rows.append(
             {
                 "name": event.key,
                 "calls": int(event.count),
                 "self_cpu_ms": event.self_cpu_time_total / 1e3,
                 "cpu_total_ms": event.cpu_time_total / 1e3,
-                "self_device_ms": float(self_device) / 1e3,
+                "self_device_ms": float(self_device or 0.0) / 1e3,
             }
         )
+    operators = [r for r in rows if not r["name"].startswith("module:")]
     key = "self_device_ms" if bench.device.type == "cuda" else "self_cpu_ms"
-    operators = sorted((r for r in rows if not r["name"].startswith("module:")), key=lambda r: -r[key])[:top]
-    module_rows = sorted((r for r in rows if r["name"].startswith("module:")), key=lambda r: -r["cpu_total_ms"])
-    return operators + module_rows
+    return {
+        "step_s": step,
+        "total_self_cpu_ms": sum(r["self_cpu_ms"] for r in operators),
+        "total_self_device_ms": sum(r["self_device_ms"] for r in operators),
+        "operators": sorted(operators, key=lambda r: -r[key])[:top],
+        "modules": sorted((r for r in rows if r["name"].startswith("module:")), key=lambda r: -r["cpu_total_ms"]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- model benchmark
@@ -942,12 +967,15 @@ class PipelineSpec:
     data: str = "demo"
 
 
-def _reuse_or_run(marker: Path, params: Mapping[str, Any], action: Callable[[], Any]) -> Any:
-    """Run ``action`` once per ``params``: its JSON result is kept in ``marker`` and returned again next time."""
+def _reuse_or_run(
+    marker: Path, params: Mapping[str, Any], action: Callable[[], Any], valid: Callable[[Any], bool]
+) -> Any:
+    """Run ``action`` once per ``params``: its JSON result is kept in ``marker`` and returned again next time, as
+    long as ``valid(result)`` (e.g. the files it wrote still exist)."""
     if marker.is_file():
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, KeyError, OSError):
             saved = json.loads(marker.read_text(encoding="utf-8"))
-            if saved.get("params") == dict(params):
+            if saved.get("params") == dict(params) and valid(saved["result"]):
                 return saved["result"]
     result = action()
     atomic_write_json(marker, {"params": dict(params), "result": result})
@@ -980,9 +1008,14 @@ def _openkbp_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> P
 
     data_dir, cache_dir, demo = _real_or_demo_dir("openkbp", options)
     n = options.pipeline_patients
-    splits = prepare_openkbp(data_dir, cache_dir, write_demo_if_missing=demo, demo_patients=(max(2, n), 0))
+    if (data_dir / "manifest.json").is_file():  # an existing NIfTI cache (the CSVs need not be there)
+        from ctan_monai.data.openkbp import load_manifest
+
+        entries = load_manifest(data_dir, "train-pats")[:n]
+    else:
+        splits = prepare_openkbp(data_dir, cache_dir, write_demo_if_missing=demo, demo_patients=(max(2, n), 0))
+        entries = splits["train-pats"][:n]
     seg, dose = (t.name for t in setting.task_specs())
-    entries = splits["train-pats"][:n]
     dataset = AxialSliceDataset(
         entries,
         seg_task=seg,
@@ -1018,6 +1051,7 @@ def _ham10000_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> 
             data_dir.parent / "demo.json",
             {"n_images": images, "seed": 0},
             lambda: str(write_ham10000_demo(data_dir, n_images=images, seed=0)),
+            lambda folder: (Path(folder) / "HAM10000_metadata.csv").is_file(),
         )
     datalist = build_datalist(data_dir)[:images]
     dataset = Dataset(datalist, transform=train_transforms(setting.size))
@@ -1048,6 +1082,7 @@ def _stoic_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> Pip
             data_dir.parent / "demo.json",
             {"n_patients": patients, "seed": 0},
             lambda: str(write_stoic_demo(data_dir, n_patients=patients, seed=0)),
+            lambda folder: (Path(folder) / "metadata" / "reference.csv").is_file(),
         )
     cases = convert_dataset(data_dir, cache_dir)["cases"][:patients]
     dataset = Stoic25DDataset(
@@ -1076,15 +1111,22 @@ def _prostate_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> 
     if demo:
         from ctan_monai.data.demo.dicom_rt import write_prostate_demo
 
+        def write_demo() -> int:
+            if data_dir.exists():  # a demo of another size: its randomly named files would mix with the new ones
+                shutil.rmtree(data_dir)
+            return len(write_prostate_demo(data_dir, n_patients=patients, seed=0))
+
         _reuse_or_run(
             data_dir.parent / "demo.json",
             {"n_patients": patients, "seed": 0},
-            lambda: len(write_prostate_demo(data_dir, n_patients=patients, seed=0)),
+            write_demo,
+            lambda _: (data_dir / "README.txt").is_file(),
         )
     entries = _reuse_or_run(
         cache_dir / "benchmark_conversion.json",
-        {"source": str(data_dir.resolve())},
+        {"source": str(data_dir.resolve()), "demo_patients": patients if demo else None},
         lambda: convert_dicom_rt(data_dir, cache_dir).entries,
+        lambda found: all((cache_dir / e["image"]).is_file() for e in found),
     )[:patients]
     seg, dose = (t.name for t in setting.task_specs())
     dataset = AxialSliceDataset(
@@ -1095,6 +1137,7 @@ def _prostate_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> 
         slice_rule="dose_mask",
         spatial_size=(setting.size, setting.size),
         base_dir=cache_dir,
+        axcodes="PLI",  # as the prostate bundle (the OpenKBP cache's orientation)
         image_range=(-1024.0, 3071.0),
         transform=slice_augmentation(seg, dose),
     )
@@ -1287,17 +1330,24 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def _profile_markdown(profiles: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+def _profile_markdown(profiles: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One table per profiled architecture: top operators by self time, then the modules' inclusive forward time."""
     lines = []
-    for arch, rows in profiles.items():
-        device = any(r["self_device_ms"] > 0 for r in rows)
+    for arch, found in profiles.items():
+        device = found["total_self_device_ms"] > 0
         unit = "self device ms" if device else "self CPU ms"
-        lines += [f"Profile of one training step, {arch} (operators by {unit}; modules: forward, inclusive):", ""]
-        lines += [f"| operator or module | calls | {unit} | CPU total ms |", "|---|---:|---:|---:|"]
-        for r in rows:
+        total = found["total_self_device_ms"] if device else found["total_self_cpu_ms"]
+        lines += [
+            f"Profile of one training step, {arch} ({found['step_s']:.3f} s under the profiler; operators by {unit}, "
+            f"{total:.1f} ms in all; modules: forward, inclusive):",
+            "",
+            f"| operator or module | calls | {unit} | share | CPU total ms |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in [*found["operators"], *found["modules"]]:
             own = r["self_device_ms"] if device else r["self_cpu_ms"]
-            lines.append(f"| `{r['name']}` | {r['calls']} | {own:.1f} | {r['cpu_total_ms']:.1f} |")
+            share = f"{100 * own / total:.1f} %" if total and not r["name"].startswith("module:") else "-"
+            lines.append(f"| `{r['name']}` | {r['calls']} | {own:.1f} | {share} | {r['cpu_total_ms']:.1f} |")
         lines.append("")
     return lines
 
@@ -1488,9 +1538,9 @@ def run(
             _log(f"{setting.name} failed:\n{traceback.format_exc()}")
             result = {"setting": asdict(setting), "summary": setting.summary(), "status": "failed"}
             result["error"] = f"{type(err).__name__}: {err}"
-            gc.collect()
-            if options.is_cuda:
-                torch.cuda.empty_cache()
+        gc.collect()  # out of the except block: the exception no longer holds the failed setting's models
+        if options.is_cuda:
+            torch.cuda.empty_cache()
         report["settings"][setting.name] = result
         if options.pipelines:
             result["pipeline"] = benchmark_pipeline(setting, options, result)
@@ -1559,7 +1609,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline_warmup", type=int, default=2)
     p.add_argument("--pipeline_patients", type=int, default=4, help="patients of the pipeline's data")
     p.add_argument("--data_root", default=BenchmarkOptions().data_root, help="demo data and caches (reused)")
-    p.add_argument("--dataset_dir", action="append", default=[], metavar="SETTING=PATH", help="real data folder")
+    p.add_argument(
+        "--dataset_dir",
+        action="append",
+        default=[],
+        metavar="SETTING=PATH",
+        help="real data folder (openkbp: also a converted cache with manifest.json)",
+    )
     p.add_argument("--output", default="throughput.json", help="JSON report (written atomically)")
     p.add_argument("--markdown", help="also write the Markdown report to this file")
     p.add_argument("--memory_probe", help=argparse.SUPPRESS)  # internal: one CPU memory probe (JSON payload)

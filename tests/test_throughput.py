@@ -43,6 +43,8 @@ TINY_ARGS = [
     "8",
     "--volume_repeats",
     "1",
+    "--profile",
+    "5",
 ]
 
 
@@ -156,6 +158,19 @@ def test_pipeline_measured_against_the_models(tiny_run: dict[str, Any]) -> None:
     assert checks == {("ctan_vs_hps_train_step", "openkbp"), ("pipeline_vs_model", "openkbp")}  # no MTAN measured
     # the demo data were written under --data_root and reused by the cache
     assert (tiny_run["dir"] / "data" / "openkbp" / "demo" / "provided-data" / "train-pats" / "pt_2").is_dir()
+
+
+def test_profile_of_one_step(tiny_run: dict[str, Any]) -> None:
+    profiles = tiny_run["json"]["settings"]["openkbp"]["profile"]
+    assert set(profiles) == set(ARCHS)
+    for arch, found in profiles.items():
+        assert _positive(found["step_s"]) and _positive(found["total_self_cpu_ms"])
+        times = [r["self_cpu_ms"] for r in found["operators"]]
+        assert len(times) == 5 and times == sorted(times, reverse=True) and sum(times) <= found["total_self_cpu_ms"]
+        modules = {r["name"] for r in found["modules"]}
+        assert {"module:encoder", "module:decoders.seg", "module:decoders.dose"} <= modules
+        assert ("module:ctab" in modules) == (arch == "ctan")
+    assert "Profile of one training step, ctan" in tiny_run["markdown"]
 
 
 def test_markdown_tables(tiny_run: dict[str, Any]) -> None:
