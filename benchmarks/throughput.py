@@ -887,12 +887,21 @@ def benchmark_setting(setting: BenchmarkSetting, archs: Sequence[str], options: 
                 r["volume_inference_x_hps"] = paired_ratio(volume_times[arch], volume_times["hps"])
     if "mtan" in archs and "ctan" in archs:
         results["ctan"]["train_step_x_mtan"] = paired_ratio(train["ctan"], train["mtan"])
-    memory_method = _measure_memory(setting, benches, results, options)
+    # the timings above must survive a failure of the optional measurements below: record it and go on
+    try:
+        memory_method = _measure_memory(setting, benches, results, options)
+    except Exception as err:
+        _log(f"{setting.name}: peak memory failed:\n{traceback.format_exc()}")
+        memory_method = f"failed: {type(err).__name__}: {err}"
     profiles = {}
     if options.profile:
         for arch, bench in benches.items():
             _log(f"{setting.name}: profiling one training step of {arch}")
-            profiles[arch] = profile_train_step(bench, options.profile)
+            try:
+                profiles[arch] = profile_train_step(bench, options.profile)
+            except Exception as err:
+                _log(f"{setting.name}: profiling {arch} failed:\n{traceback.format_exc()}")
+                profiles[arch] = {"error": f"{type(err).__name__}: {err}"}
     for bench in benches.values():
         bench.release()
     benches.clear()
@@ -1334,6 +1343,9 @@ def _profile_markdown(profiles: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One table per profiled architecture: top operators by self time, then the modules' inclusive forward time."""
     lines = []
     for arch, found in profiles.items():
+        if "error" in found:
+            lines += [f"Profile of {arch} failed: {found['error']}", ""]
+            continue
         device = found["total_self_device_ms"] > 0
         unit = "self device ms" if device else "self CPU ms"
         total = found["total_self_device_ms"] if device else found["total_self_cpu_ms"]

@@ -8,7 +8,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -313,3 +313,18 @@ def test_a_failing_setting_keeps_the_others(tp: ModuleType, monkeypatch: pytest.
     assert report["settings"]["openkbp"]["status"] == "measured"
     assert json.loads(output.read_text())["settings"]["stoic"]["status"] == "failed"
     assert "Model benchmark failed: RuntimeError: CUDA out of memory" in tp.markdown_report(report)
+
+
+def test_a_failing_profile_keeps_the_timings(tp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_profiler(*_: Any) -> Any:
+        raise RuntimeError("CUPTI not available")
+
+    monkeypatch.setattr(tp, "profile_train_step", no_profiler)
+    setting = tp.resolve_settings(["openkbp"], backbone="resnet18", size=32, batch=2)[0]
+    options = tp.BenchmarkOptions(warmup=0, repeats=1, volume_repeats=0, cpu_memory="off", profile=3)
+    result = tp.benchmark_setting(setting, ["hps"], options)
+    assert result["status"] == "measured" and _positive(result["archs"]["hps"]["train_step_s"]["median"])
+    assert result["profile"] == {"hps": {"error": "RuntimeError: CUPTI not available"}}
+    report = {"machine": tp.machine_info(options), "options": asdict(options), "settings": {"openkbp": result}}
+    text = tp.markdown_report(report)
+    assert "Profile of hps failed: RuntimeError: CUPTI not available" in text and "| hps | " in text
