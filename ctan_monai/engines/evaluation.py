@@ -19,6 +19,7 @@ from ignite.engine import Engine, Events
 from ctan_monai.metrics.dose import aggregate_dose_results, evaluate_dose, openkbp_dose_score
 from ctan_monai.metrics.segmentation import aggregate_dice, dice_report
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
+from ctan_monai.utils.json_safe import json_safe
 
 __all__ = ["DVHStructuresFn", "VolumeEvaluationHandler", "openkbp_dvh_structures"]
 
@@ -172,7 +173,7 @@ class VolumeEvaluationHandler:
 
     def _write_report(self, engine: Engine, summary: Mapping[str, Any]) -> None:
         report = {"epoch": getattr(engine.state, "epoch", None), "summary": summary, "cases": self.cases}
-        atomic_write_json(self.output_dir / "report.json", _json_safe(report))
+        atomic_write_json(self.output_dir / "report.json", json_safe(report))
         columns = ["case_id", "mean_dice", *[f"dice_{n}" for n in self.structure_names], "dose_mae", "dvh_score"]
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -196,16 +197,3 @@ class VolumeEvaluationHandler:
                 )
         except Exception:  # a figure must never cost the evaluation
             self.logger.exception("figures for %s could not be written", case_id)
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN -> None and numpy scalars -> Python, so the report is strict JSON."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if math.isnan(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

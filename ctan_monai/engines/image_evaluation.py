@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 from ctan_monai.metrics.classification import binary_report, multiclass_report
 from ctan_monai.metrics.segmentation import aggregate_dice, dice_report
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+from ctan_monai.utils.json_safe import json_safe
 
 __all__ = ["ImageEvaluationHandler", "plot_confusion_matrix", "plot_overlays"]
 
@@ -282,7 +283,7 @@ class ImageEvaluationHandler:
 
     def _write_report(self, engine: Engine, summary: Mapping[str, Any]) -> None:
         report = {"epoch": getattr(engine.state, "epoch", None), "summary": summary, "images": self.rows}
-        atomic_write_json(self.output_dir / "report.json", _json_safe(report))
+        atomic_write_json(self.output_dir / "report.json", json_safe(report))
         columns = ["image_id"]
         if self.seg_task is not None:
             columns += ["mean_dice", *[f"dice_{n}" for n in self.structure_names]]
@@ -340,19 +341,6 @@ def _overlay_title(row: Mapping[str, Any]) -> str:
     if row.get("mean_dice") is not None and not math.isnan(row["mean_dice"]):
         parts.append(f"Dice {row['mean_dice']:.1f}")
     return ", ".join(parts)
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN -> None and numpy scalars -> Python, so the report is strict JSON."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if math.isnan(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------------- figures

@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 
 from ctan_monai.metrics.classification import accuracy, binary_report, confusion_matrix, roc_curve_points
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+from ctan_monai.utils.json_safe import json_safe
 
 __all__ = ["PatientClassificationHandler", "patient_table", "plot_roc_curve", "task_metrics"]
 
@@ -324,7 +325,7 @@ class PatientClassificationHandler:
             self.logger.info("wrote probabilities of %d patients to %s", len(predictions), self.output_dir)
             return
         report = {"epoch": getattr(engine.state, "epoch", None), "summary": summary, "patients": self.table}
-        atomic_write_json(self.output_dir / "report.json", _json_safe(report))
+        atomic_write_json(self.output_dir / "report.json", json_safe(report))
         columns = ["case_id", "num_samples", *[f"{t}_{k}" for t in self.task_names for k in ("prob", "label")]]
         rows = [[row.get(c) for c in columns] for row in self.table]
         atomic_write_text(self.output_dir / "cases.csv", _csv_text(columns, rows))
@@ -348,16 +349,3 @@ def _csv_text(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     for row in rows:
         writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row])
     return buffer.getvalue()
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN -> None and numpy scalars -> Python, so the report is strict JSON."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if math.isnan(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
