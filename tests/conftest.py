@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -45,6 +47,22 @@ def extract_shared_archive(relative: str) -> Path:
         tar.extractall(target, filter="data")
     marker.write_text(f"{archive.stat().st_size}")
     return target
+
+
+def run_command(command: list[str], cwd: Path, timeout: float = 600, expect_ok: bool = True, threads: int = 2) -> str:
+    """Run a command in ``cwd`` with ``threads`` OpenMP threads; return its output (stdout and stderr) after
+    asserting that it succeeded (``expect_ok``) or failed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+    assert (proc.returncode == 0) == expect_ok, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def run_bundle(args: list[str], cwd: Path, **kwargs) -> str:
+    """``python -m monai.bundle <args>`` through :func:`run_command`."""
+    return run_command([sys.executable, "-m", "monai.bundle", *args], cwd, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from ctan_monai.data.demo.ham10000 import write_ham10000_demo
 from ctan_monai.data.ham10000 import HAM10000_CLASSES, inference_transforms
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.engines.image_evaluation import ImageEvaluationHandler
-from tests.conftest import REPO_ROOT, shared_file
+from tests.conftest import REPO_ROOT, run_bundle, shared_file
 
 BUNDLE = REPO_ROOT / "bundles" / "ctan_ham10000"
 CLASSES = list(HAM10000_CLASSES)
@@ -242,24 +239,6 @@ def test_inference_pieces(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ the bundle
 
 
-def _bundle(args: list[str], cwd: Path, timeout: float = 600, expect_ok: bool = True) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-    if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-4000:]
-    else:
-        assert proc.returncode != 0, proc.stdout[-4000:]
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def ham_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the bundle's configs; training writes the demo, the split, the runs and the models there."""
@@ -274,13 +253,13 @@ def test_training_writes_demo_and_resumes(ham_bundle: Path) -> None:
     """One epoch on the demo (written on first use), then the same command with ``--epochs 2`` continues from the
     epoch-1 checkpoint: the optimiser, the trainer state and the DWA history carry over."""
     args = ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--val_interval", "1"]
-    out = _bundle([*args, "--epochs", "1"], ham_bundle)
+    out = run_bundle([*args, "--epochs", "1"], ham_bundle)
     assert (ham_bundle / "demo_data" / "ham10000" / "README.txt").is_file()
     assert "split written to" in out and "lesions" in out  # the class counts per split
     splits = json.loads((ham_bundle / "runs" / "ctan" / "splits.json").read_text())
     lesions = [{e["lesion_id"] for e in splits[name]} for name in ("training", "validation", "test")]
     assert not (lesions[0] & lesions[1] or lesions[0] & lesions[2] or lesions[1] & lesions[2])
-    out = _bundle([*args, "--epochs", "2"], ham_bundle)
+    out = run_bundle([*args, "--epochs", "2"], ham_bundle)
     assert "resumed from" in out and "checkpoint_epoch=1.pt" in out
     history = json.loads((ham_bundle / "runs" / "ctan" / "metrics_history.json").read_text())
     assert [e for e, _ in history["train_loss_dx"]] == [1, 2]
@@ -300,10 +279,10 @@ def test_arch_switch_and_evaluate(ham_bundle: Path) -> None:
     """``--arch hps`` trains the baseline with everything else equal (and the class-weighted loss instead of the
     sampler); evaluate.yaml reports on the held-out test lesions with figures."""
     train = ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--epochs", "1", "--val_interval", "2"]
-    _bundle([*train, "--arch", "hps", "--class_balance", "loss_weights"], ham_bundle)
+    run_bundle([*train, "--arch", "hps", "--class_balance", "loss_weights"], ham_bundle)
     assert (ham_bundle / "models" / "hps" / "model.pt").is_file()
     evaluate = ["run", "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *QUICK[:4]]
-    out = _bundle([*evaluate, "--arch", "hps"], ham_bundle)
+    out = run_bundle([*evaluate, "--arch", "hps"], ham_bundle)
     assert "test_balanced_accuracy" in out
     evaluation = ham_bundle / "runs" / "hps" / "evaluation"
     report = json.loads((evaluation / "report.json").read_text())
@@ -319,7 +298,7 @@ def test_arch_switch_and_evaluate(ham_bundle: Path) -> None:
     assert (evaluation / "figures" / "overlays.png").is_file()
     # a checkpoint of another architecture fails to load instead of evaluating a half-initialised network
     hps_model = str(ham_bundle / "models" / "hps" / "model.pt")
-    out = _bundle([*evaluate, "--arch", "mtan", "--ckpt_path", hps_model], ham_bundle, expect_ok=False)
+    out = run_bundle([*evaluate, "--arch", "mtan", "--ckpt_path", hps_model], ham_bundle, expect_ok=False)
     assert "state_dict" in out
 
 
@@ -336,7 +315,7 @@ def test_inference_reads_back(ham_bundle: Path, tmp_path: Path) -> None:
     for image in images:
         shutil.copy(image, inputs)
     out_dir = tmp_path / "predictions"
-    _bundle(
+    run_bundle(
         ["run", "--config_file", "configs/inference.yaml", "--image_size", "64", "--input_dir", str(inputs)]
         + ["--output_dir", str(out_dir)],
         ham_bundle,
@@ -369,14 +348,14 @@ def test_inference_reads_back(ham_bundle: Path, tmp_path: Path) -> None:
         resized = torch.nn.functional.interpolate(probs, size=mask.shape, mode="bilinear", align_corners=False)
         agreement = ((resized[0].argmax(0).numpy() > 0) == (mask > 0)).mean()
         assert agreement > 0.98
-    out = _bundle(
+    out = run_bundle(
         ["run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path / "empty")],
         ham_bundle,
         expect_ok=False,
     )
     assert f"input_dir '{tmp_path / 'empty'}'" in out
     missing = tmp_path / "nowhere" / "model.pt"
-    out = _bundle(
+    out = run_bundle(
         ["run", "--config_file", "configs/inference.yaml", "--ckpt_path", str(missing)], ham_bundle, expect_ok=False
     )
     assert f"No such file or directory: '{missing}'" in out
@@ -392,9 +371,11 @@ def test_verify_metadata_and_net_in_out(ham_bundle: Path, tmp_path: Path) -> Non
     assert list(outputs["dx"]["channel_def"].values()) == CLASSES
     shutil.copy(schema, tmp_path / "schema.json")
     meta_file = str(BUNDLE / "configs" / "metadata.json")
-    out = _bundle(["verify_metadata", "--meta_file", meta_file, "--filepath", str(tmp_path / "schema.json")], tmp_path)
+    out = run_bundle(
+        ["verify_metadata", "--meta_file", meta_file, "--filepath", str(tmp_path / "schema.json")], tmp_path
+    )
     assert "metadata is verified with no error" in out
-    out = _bundle(
+    out = run_bundle(
         ["verify_net_in_out", "seg_network_def", "--meta_file", meta_file, "--config_file", "configs/train.yaml"],
         ham_bundle,
     )
@@ -406,7 +387,7 @@ def test_ckpt_export_matches_checkpoint(ham_bundle: Path) -> None:
     ckpt = ham_bundle / "models" / "model.pt"
     if not ckpt.is_file():
         pytest.skip("needs the model trained by test_training_writes_demo_and_resumes")
-    _bundle(
+    run_bundle(
         ["ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt"]
         + ["--meta_file", "configs/metadata.json", "--config_file", "configs/train.yaml"],
         ham_bundle,

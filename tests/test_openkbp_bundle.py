@@ -17,7 +17,7 @@ import torch
 
 from tests.conftest import OPENKBP_BUNDLE as BUNDLE
 from tests.conftest import QUICK_TRAIN_ARGS as QUICK
-from tests.conftest import shared_file
+from tests.conftest import run_bundle, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +33,6 @@ def _bundle_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
         text=True,
         **kwargs,
     )
-
-
-def _run(args: list[str], cwd: Path, timeout: float = 600) -> str:
-    proc = _bundle_cli(args, cwd)
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 def test_training_resumes_after_kill(bundle_copy: Path) -> None:
@@ -62,7 +55,7 @@ def test_training_resumes_after_kill(bundle_copy: Path) -> None:
     if killed_at == 3:
         pytest.skip("training finished before it could be killed")
 
-    out = _run(args, bundle_copy)
+    out = run_bundle(args, bundle_copy)
     assert "resumed from" in out
     epochs_logged = [int(line.split("Epoch[")[1].split("]")[0]) for line in out.splitlines() if "Metrics --" in line]
     assert min(epochs_logged) == killed_at + 1, out[-3000:]
@@ -89,12 +82,12 @@ def test_training_resumes_after_kill(bundle_copy: Path) -> None:
 
 def test_arch_switch_and_evaluate(bundle_copy: Path) -> None:
     """``--arch hps`` trains the baseline with everything else equal; evaluate.yaml reports on whole patients."""
-    _run(
+    run_bundle(
         ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--arch", "hps", "--epochs", "1"],
         bundle_copy,
     )
     assert (bundle_copy / "models" / "hps" / "model.pt").is_file()
-    out = _run(
+    out = run_bundle(
         [
             "run",
             "evaluating",
@@ -121,7 +114,7 @@ def test_verify_metadata_against_published_schema(bundle_copy: Path, tmp_path: P
     assert list(meta["network_data_format"]["outputs"])[0] == "pred"
     assert meta["network_data_format"]["outputs"]["pred"]["format"] == "segmentation"
     shutil.copy(schema, tmp_path / "schema.json")
-    out = _run(
+    out = run_bundle(
         [
             "verify_metadata",
             "--meta_file",
@@ -137,7 +130,7 @@ def test_verify_metadata_against_published_schema(bundle_copy: Path, tmp_path: P
 
 def test_verify_net_in_out_on_segmentation_output(bundle_copy: Path) -> None:
     """MONAI's shape check runs on the first output (``seg_network_def`` wraps the multi-task network)."""
-    out = _run(
+    out = run_bundle(
         ["verify_net_in_out", "seg_network_def", "--meta_file", "configs/metadata.json"]
         + ["--config_file", "configs/train.yaml", "--backbone", "resnet18"],
         bundle_copy,
@@ -158,7 +151,7 @@ def test_ckpt_export_matches_checkpoint(bundle_copy: Path, tmp_path: Path) -> No
     net = build_network("ctan", tasks, backbone="resnet18")
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
-    _run(
+    run_bundle(
         ["ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(ckpt)]
         + ["--meta_file", "configs/metadata.json", "--config_file", "configs/train.yaml", "--backbone", "resnet18"],
         bundle_copy,

@@ -5,8 +5,6 @@ Timings on 2 shared CPU cores: train + infer one patient ~25 s, torchrun trainin
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,41 +15,33 @@ import torch
 
 from ctan_monai.data.openkbp import openkbp_affine, read_patient, read_sparse_csv
 from tests.conftest import QUICK_TRAIN_ARGS as QUICK
+from tests.conftest import run_bundle, run_command
 
 pytestmark = pytest.mark.slow
 
 
-def _run(command: list[str], cwd: Path, timeout: float = 600, expect_ok: bool = True) -> str:
-    """Run a command in ``cwd`` and return its output (stdout and stderr), asserting the exit status."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-    )
-    if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-4000:]
-    else:
-        assert proc.returncode != 0, proc.stdout[-4000:]
-    return proc.stdout
+def _run_threads1(command: list[str], cwd: Path, **kwargs) -> str:
+    return run_command(command, cwd, threads=1, **kwargs)
 
 
-def _bundle(args: list[str], cwd: Path, **kwargs) -> str:
-    return _run([sys.executable, "-m", "monai.bundle", *args], cwd, **kwargs)
+def _bundle_threads1(args: list[str], cwd: Path, **kwargs) -> str:
+    return run_bundle(args, cwd, threads=1, **kwargs)
 
 
 def test_train_then_infer(bundle_copy: Path) -> None:
     """A 1-epoch model, then inference.yaml on one validation patient: NIfTI geometry, label range and the dose CSV
     reading back to the NIfTI dose bit for bit."""
-    _bundle(["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--epochs", "1"], bundle_copy)
+    _bundle_threads1(["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--epochs", "1"], bundle_copy)
     ckpt = bundle_copy / "models" / "model.pt"
     assert ckpt.is_file()
-    # a 1-epoch model may predict no dose above 0 anywhere, and a dose.csv listing no voxel is rejected by the reader:
-    # raise the dose head's bias so that the round trip has values to compare
+    # a 1-epoch model may predict no dose above 0 anywhere (written as one explicit zero row): raise the dose head's
+    # bias so that the round trip compares many non-zero values
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     state["decoders.dose.head.bias"] = state["decoders.dose.head.bias"] + 40.0
     torch.save(state, ckpt)
     patient_dir = bundle_copy / "demo_data" / "openkbp" / "provided-data" / "validation-pats" / "pt_7"
     out_dir = bundle_copy / "predictions"
-    _bundle(
+    _bundle_threads1(
         [
             "run",
             "--config_file",
@@ -88,12 +78,12 @@ def test_inference_errors_name_the_folder(bundle_copy: Path, tmp_path: Path) -> 
     """An input folder without patients and a missing checkpoint each stop with a message naming the path."""
     empty = tmp_path / "no_patients"
     empty.mkdir()
-    out = _bundle(
+    out = _bundle_threads1(
         ["run", "--config_file", "configs/inference.yaml", "--input_dir", str(empty)], bundle_copy, expect_ok=False
     )
     assert f"input_dir '{empty}'" in out
     missing = tmp_path / "nowhere" / "model.pt"
-    out = _bundle(
+    out = _bundle_threads1(
         ["run", "--config_file", "configs/inference.yaml", "--ckpt_path", str(missing)],
         bundle_copy,
         expect_ok=False,
@@ -109,7 +99,7 @@ def test_multi_gpu_train_on_cpu(bundle_copy: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
     command += ["run", "training", "--config_file", config, *QUICK, "--epochs", "1", "--val_interval", "1"]
     command += ["--arch", "hps"]
-    _run(command, bundle_copy)
+    _run_threads1(command, bundle_copy)
     assert (bundle_copy / "runs" / "hps" / "validation" / "report.json").is_file()
     assert (bundle_copy / "models" / "hps" / "model.pt").is_file()
     assert (bundle_copy / "runs" / "hps" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -31,7 +29,7 @@ from ctan_monai.data.openkbp import openkbp_affine
 from ctan_monai.data.slices import AxialSliceDataset
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.networks import build_network
-from tests.conftest import REPO_ROOT, shared_file
+from tests.conftest import REPO_ROOT, run_bundle, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +44,8 @@ TASKS = [
 ]
 
 
-def _bundle(args: list[str], cwd: Path, timeout: float = 600, expect_ok: bool = True) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-    assert (proc.returncode == 0) == expect_ok, proc.stdout[-4000:]
-    return proc.stdout
+def _bundle_threads1(args: list[str], cwd: Path, **kwargs) -> str:
+    return run_bundle(args, cwd, threads=1, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -232,16 +219,18 @@ def test_inference_loader_matches_the_training_view(small_splits: tuple[Path, di
 def test_demo_training_arch_switch_and_evaluate(prostate_bundle: Path) -> None:
     """The default train.yaml writes and converts the DICOM-RT demo and trains; ``--arch hps`` trains the baseline
     with everything else equal; evaluate.yaml reports 3D Dice per organ, dose MAE and DVH metrics with figures."""
-    _bundle(["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--epochs", "1"], prostate_bundle)
+    _bundle_threads1(
+        ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--epochs", "1"], prostate_bundle
+    )
     assert (prostate_bundle / "demo_data" / "prostate" / "README.txt").is_file()
     assert (prostate_bundle / "cache" / "prostate" / "manifest.json").is_file()
     assert (prostate_bundle / "models" / "model.pt").is_file()
-    _bundle(
+    _bundle_threads1(
         ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--arch", "hps", "--epochs", "1"],
         prostate_bundle,
     )
     assert (prostate_bundle / "models" / "hps" / "model.pt").is_file()
-    out = _bundle(
+    out = _bundle_threads1(
         [
             "run",
             "evaluating",
@@ -282,7 +271,7 @@ def test_inference_from_a_ct_only_dicom_folder(prostate_bundle: Path, tmp_path: 
         path.unlink()
     out_dir = tmp_path / "predictions"
     args = ["run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path / "dicom")]
-    _bundle([*args, "--output_dir", str(out_dir), "--model_dir", str(model_dir)], prostate_bundle)
+    _bundle_threads1([*args, "--output_dir", str(out_dir), "--model_dir", str(model_dir)], prostate_bundle)
 
     seg_img = nib.load(out_dir / patient.patient_id / "seg.nii.gz")
     dose_img = nib.load(out_dir / patient.patient_id / "dose.nii.gz")
@@ -319,7 +308,7 @@ def test_inference_errors_name_the_folder(prostate_bundle: Path, tmp_path: Path)
     (tmp_path / "notes.txt").write_text("no DICOM here")
     ckpt = tmp_path / "model.pt"  # untrained weights: the folder is what fails
     torch.save(build_network("ctan", TASKS, backbone="resnet18").state_dict(), ckpt)
-    out = _bundle(
+    out = _bundle_threads1(
         ["run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path), "--ckpt_path", str(ckpt)],
         prostate_bundle,
         expect_ok=False,
@@ -336,7 +325,7 @@ def test_verify_metadata_against_published_schema(tmp_path: Path) -> None:
     assert [outputs["pred"]["channel_def"][str(i)] for i in range(1, 5)] == list(DEMO_ORGANS)
     shutil.copy(schema, tmp_path / "schema.json")
     meta_file = str(BUNDLE / "configs" / "metadata.json")
-    out = _bundle(
+    out = _bundle_threads1(
         ["verify_metadata", "--meta_file", meta_file, "--filepath", str(tmp_path / "schema.json")], tmp_path, 120
     )
     assert "metadata is verified with no error" in out
@@ -345,7 +334,7 @@ def test_verify_metadata_against_published_schema(tmp_path: Path) -> None:
 def test_verify_net_in_out_on_segmentation_output(prostate_bundle: Path) -> None:
     """MONAI's shape check runs on the segmentation output (``seg_network_def`` wraps the multi-task network)."""
     args = ["verify_net_in_out", "seg_network_def", "--meta_file", "configs/metadata.json"]
-    out = _bundle([*args, "--config_file", "configs/train.yaml", "--backbone", "resnet18"], prostate_bundle)
+    out = _bundle_threads1([*args, "--config_file", "configs/train.yaml", "--backbone", "resnet18"], prostate_bundle)
     assert "data shape of network is verified with no error" in out
 
 
@@ -357,7 +346,7 @@ def test_ckpt_export_matches_checkpoint(prostate_bundle: Path, tmp_path: Path) -
     torch.save(net.state_dict(), ckpt)
     args = ["ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(ckpt)]
     args += ["--meta_file", "configs/metadata.json", "--config_file", "configs/train.yaml", "--backbone", "resnet18"]
-    _bundle(args, prostate_bundle, timeout=300)
+    _bundle_threads1(args, prostate_bundle, timeout=300)
     scripted = torch.jit.load(str(tmp_path / "model.ts"))
     net.eval()
     x = torch.rand(2, 1, 64, 64)

@@ -34,7 +34,7 @@ from ctan_monai.engines.patient_classification import PatientClassificationHandl
 from ctan_monai.losses import MultiTaskLoss
 from ctan_monai.metrics import roc_auc
 from ctan_monai.networks import build_network
-from tests.conftest import REPO_ROOT, shared_file
+from tests.conftest import REPO_ROOT, run_bundle, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -54,22 +54,6 @@ def _quick(**changes: str) -> list[str]:
     return [item for key, value in {**QUICK_SETTINGS, **changes}.items() for item in (f"--{key}", value)]
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 600, expect_ok: bool = True) -> str:
-    """Run ``python -m monai.bundle <args>`` in ``cwd`` and return its output, asserting the exit status."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-    assert (proc.returncode == 0) == expect_ok, proc.stdout[-4000:]
-    return proc.stdout
-
-
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -87,7 +71,7 @@ def stoic_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained_hps(stoic_bundle: Path) -> Path:
     """One quick 2.5D training run with ``--arch hps`` (the baseline, everything else equal); returns the bundle."""
-    out = _run(["run", "training", "--config_file", "configs/train.yaml", *_quick(arch="hps")], stoic_bundle)
+    out = run_bundle(["run", "training", "--config_file", "configs/train.yaml", *_quick(arch="hps")], stoic_bundle)
     assert "val_auc_covid" in out and "val_auc_severe" in out
     return stoic_bundle
 
@@ -111,7 +95,7 @@ def test_train_25d_arch_switch_and_validation_report(trained_hps: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------- evaluation
 def test_evaluate_auc_on_labelled_patients_only(trained_hps: Path) -> None:
-    out = _run(
+    out = run_bundle(
         ["run", "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']"]
         + ["--arch", "hps", "--backbone", "resnet18"],
         trained_hps,
@@ -156,7 +140,7 @@ def test_inference_matches_evaluation_on_demo(trained_hps: Path, tmp_path: Path)
     for case in expected:
         shutil.copy(trained_hps / "demo_data" / "stoic" / "data" / "mha" / f"{case}.mha", inputs)
     out_dir = tmp_path / "predictions"
-    _run(
+    run_bundle(
         ["run", "--config_file", "configs/inference.yaml", "--arch", "hps", "--backbone", "resnet18"]
         + ["--input_dir", str(inputs), "--output_dir", str(out_dir)],
         trained_hps,
@@ -176,7 +160,7 @@ def test_inference_on_real_cts(trained_hps: Path, stoic_root: Path, tmp_path: Pa
     patient, in the challenge's names, also in reference.csv layout."""
     root = stoic.find_stoic_root(stoic_root)
     out_dir = tmp_path / "real"
-    _run(
+    run_bundle(
         ["run", "--config_file", "configs/inference.yaml", "--arch", "hps", "--backbone", "resnet18"]
         + ["--input_dir", str(root), "--output_dir", str(out_dir)],
         trained_hps,
@@ -198,7 +182,7 @@ def test_inference_error_names_the_file(trained_hps: Path, tmp_path: Path) -> No
     bad_dir.mkdir()
     source = sitk.ReadImage(str(next((trained_hps / "demo_data" / "stoic" / "data" / "mha").glob("*.mha"))))
     sitk.WriteImage(sitk.Cast(source + 1024, sitk.sitkUInt16), str(bad_dir / "77.mha"))  # not HU: no air
-    out = _run(
+    out = run_bundle(
         ["run", "--config_file", "configs/inference.yaml", "--arch", "hps", "--backbone", "resnet18"]
         + ["--input_dir", str(bad_dir), "--output_dir", str(tmp_path / "out")],
         trained_hps,
@@ -213,7 +197,7 @@ def test_3d_option_one_short_epoch(stoic_bundle: Path) -> None:
     """``--spatial_dims 3``: the resampled volume as a cube, one short epoch with validation (one prediction per
     patient). Inference from the original file in 3D gives the cached input: test_stoic_data.py."""
     args = _quick(spatial_dims="3", volume_size="32", train_patients_per_epoch="2")
-    out = _run(["run", "training", "--config_file", "configs/train.yaml", *args], stoic_bundle)
+    out = run_bundle(["run", "training", "--config_file", "configs/train.yaml", *args], stoic_bundle)
     assert "val_auc_severe" in out
     assert (stoic_bundle / "models" / "model.pt").is_file()
     report = json.loads((stoic_bundle / "runs" / "ctan" / "validation" / "report.json").read_text())
