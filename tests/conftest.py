@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -63,6 +65,23 @@ def run_command(command: list[str], cwd: Path, timeout: float = 600, expect_ok: 
 def run_bundle(args: list[str], cwd: Path, **kwargs) -> str:
     """``python -m monai.bundle <args>`` through :func:`run_command`."""
     return run_command([sys.executable, "-m", "monai.bundle", *args], cwd, **kwargs)
+
+
+def compare_metrics(bundle: Path, output_dir: Path, validated: bool = True) -> dict[str, float]:
+    """Check a bundle's ``configs/compare.yaml`` against a real run: its report is where the spec says, every task
+    metric is in it (finite or NaN), and every learning curve is in ``metrics_history.json`` (``val_*`` ones only
+    when the run ``validated``). Returns the metrics by task."""
+    from ctan_monai.compare.spec import load_comparison_spec, read_metric
+
+    spec = load_comparison_spec(bundle)
+    report_path = output_dir / spec.report
+    assert report_path.is_file(), f"compare.yaml names {spec.report}, evaluation wrote no such file"
+    metrics = {m.task: read_metric(json.loads(report_path.read_text()), m, str(report_path)) for m in spec.metrics}
+    assert all(math.isnan(v) or math.isfinite(v) for v in metrics.values())
+    history = json.loads((output_dir / "metrics_history.json").read_text())
+    expected = [c for c in spec.curves if validated or not c.startswith("val_")]
+    assert set(expected) <= set(history), f"curves missing from metrics_history.json: {set(expected) - set(history)}"
+    return metrics
 
 
 @pytest.fixture(scope="session")

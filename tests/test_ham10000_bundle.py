@@ -20,7 +20,6 @@ from ignite.engine import Engine
 from PIL import Image
 
 from ctan_monai.apps.ham10000 import (
-    ClassBalancedSampler,
     diagnosis_task_losses,
     prepare_ham10000,
     sample_weights,
@@ -29,9 +28,10 @@ from ctan_monai.apps.ham10000 import (
 from ctan_monai.apps.ham10000_inference import TaskOutputsToKeysd, find_inference_images
 from ctan_monai.data.demo.ham10000 import write_ham10000_demo
 from ctan_monai.data.ham10000 import HAM10000_CLASSES, inference_transforms
+from ctan_monai.data.samplers import WeightedSubsetSampler
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.engines.image_evaluation import ImageEvaluationHandler
-from tests.conftest import REPO_ROOT, run_bundle, shared_file
+from tests.conftest import REPO_ROOT, compare_metrics, run_bundle, shared_file
 
 BUNDLE = REPO_ROOT / "bundles" / "ctan_ham10000"
 CLASSES = list(HAM10000_CLASSES)
@@ -168,8 +168,8 @@ def test_class_balanced_sampler_balances_reproducibly_and_shards() -> None:
     assert list(again) != list(sampler)
     # two ranks split one draw between them
     weights = sample_weights(datalist)
-    ranks = [ClassBalancedSampler(weights, 10, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
-    whole = ClassBalancedSampler(weights, 10, seed=3)
+    ranks = [WeightedSubsetSampler(weights, 10, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    whole = WeightedSubsetSampler(weights, 10, seed=3)
     assert [len(r) for r in ranks] == [5, 5]
     assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(whole)
     # no balancing: a random order of every image, or a random subset
@@ -181,7 +181,7 @@ def test_class_balanced_sampler_balances_reproducibly_and_shards() -> None:
     with pytest.raises(ValueError, match="balance_method"):
         training_sampler(datalist, "sampler", "focal")
     with pytest.raises(ValueError, match="not all zero"):
-        ClassBalancedSampler([0.0, 0.0])
+        WeightedSubsetSampler([0.0, 0.0])
 
 
 def test_diagnosis_task_losses_switch() -> None:
@@ -290,6 +290,10 @@ def test_arch_switch_and_evaluate(ham_bundle: Path) -> None:
     assert [r["image_id"] for r in report["images"]] == test_ids
     summary = report["summary"]
     assert 0 <= summary["segmentation"]["mean_dice"] <= 100
+    assert compare_metrics(ham_bundle, ham_bundle / "runs" / "hps", validated=False) == {
+        "seg": summary["segmentation"]["mean_dice"],
+        "dx": summary["classification"]["balanced_accuracy"],
+    }
     hits = [r["true_class"] == r["predicted_class"] for r in report["images"]]
     assert summary["classification"]["accuracy"] == pytest.approx(100 * np.mean(hits))
     truth = Counter(r["true_class"] for r in report["images"])

@@ -29,7 +29,7 @@ from ctan_monai.data.openkbp import openkbp_affine
 from ctan_monai.data.slices import AxialSliceDataset
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.networks import build_network
-from tests.conftest import REPO_ROOT, run_bundle, shared_file
+from tests.conftest import REPO_ROOT, compare_metrics, run_bundle, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -248,6 +248,8 @@ def test_demo_training_arch_switch_and_evaluate(prostate_bundle: Path) -> None:
     summary = report["summary"]
     assert summary["num_cases"] == 1 and sorted(summary["dice"]) == sorted(DEMO_ORGANS)
     assert 0 <= summary["dose_mae"] < 60 and summary["dvh_score"] >= 0
+    metrics = compare_metrics(prostate_bundle, prostate_bundle / "runs" / "hps", validated=False)
+    assert metrics == {"seg": summary["mean_dice"], "dose": summary["dose_mae"]}
     case = report["cases"][0]
     assert sorted(case["dose"]["dvh"]["reference"]) == sorted(DEMO_ORGANS)  # DVH metrics of every organ
     figures = prostate_bundle / "runs" / "hps" / "evaluation" / "figures"
@@ -326,7 +328,9 @@ def test_verify_metadata_against_published_schema(tmp_path: Path) -> None:
     shutil.copy(schema, tmp_path / "schema.json")
     meta_file = str(BUNDLE / "configs" / "metadata.json")
     out = _bundle_threads1(
-        ["verify_metadata", "--meta_file", meta_file, "--filepath", str(tmp_path / "schema.json")], tmp_path, 120
+        ["verify_metadata", "--meta_file", meta_file, "--filepath", str(tmp_path / "schema.json")],
+        tmp_path,
+        timeout=120,
     )
     assert "metadata is verified with no error" in out
 

@@ -1,10 +1,11 @@
-"""RandomSubsetSampler: a reproducible per-epoch draw, the same budget on one process or sharded over ranks."""
+"""RandomSubsetSampler and WeightedSubsetSampler: a reproducible per-epoch draw, the same budget on one process or
+sharded over ranks."""
 
 from __future__ import annotations
 
 import pytest
 
-from ctan_monai.data import RandomSubsetSampler
+from ctan_monai.data import RandomSubsetSampler, WeightedSubsetSampler
 
 
 def _draw(epoch: int, **kwargs) -> list[int]:
@@ -46,3 +47,21 @@ def test_empty_dataset_and_missing_process_group_are_refused():
         RandomSubsetSampler([], num_samples=4)
     with pytest.raises(ValueError, match="process group"):
         RandomSubsetSampler(range(10), num_samples=4, distributed=True)
+
+
+def test_weighted_draw_follows_the_weights_and_never_draws_a_zero_weight():
+    sampler = WeightedSubsetSampler([1.0, 0.0, 3.0], num_samples=8000, seed=5)
+    sampler.set_epoch(2)
+    drawn = list(sampler)
+    assert len(drawn) == 8000 and 1 not in drawn
+    assert abs(drawn.count(2) / 8000 - 0.75) < 0.02
+    again = WeightedSubsetSampler([1.0, 0.0, 3.0], num_samples=8000, seed=5)
+    again.set_epoch(2)
+    assert list(again) == drawn  # seed and epoch only: a resumed run redraws the same images
+    assert len(WeightedSubsetSampler([1.0, 2.0])) == 2  # default budget: one draw per index
+
+
+@pytest.mark.parametrize("weights", [[1.0, -1.0], [float("nan"), 1.0], [0.0, 0.0]])
+def test_weighted_sampler_refuses_bad_weights(weights):
+    with pytest.raises(ValueError, match="finite, non-negative and not all zero"):
+        WeightedSubsetSampler(weights)

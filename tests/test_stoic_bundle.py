@@ -34,7 +34,7 @@ from ctan_monai.engines.patient_classification import PatientClassificationHandl
 from ctan_monai.losses import MultiTaskLoss
 from ctan_monai.metrics import roc_auc
 from ctan_monai.networks import build_network
-from tests.conftest import REPO_ROOT, run_bundle, shared_file
+from tests.conftest import REPO_ROOT, compare_metrics, run_bundle, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -108,6 +108,10 @@ def test_evaluate_auc_on_labelled_patients_only(trained_hps: Path) -> None:
         r["PatientID"]: r for r in _read_csv(trained_hps / "demo_data" / "stoic" / "metadata" / "reference.csv")
     }
     assert len(rows) == report["summary"]["num_patients"] >= 4
+    tasks = report["summary"]["tasks"]
+    metrics = compare_metrics(trained_hps, trained_hps / "runs" / "hps")
+    for task in ("covid", "severe"):
+        assert metrics[task] == tasks[task]["auc"] or (tasks[task]["auc"] is None and math.isnan(metrics[task]))
     for task, column in stoic.LABEL_COLUMNS.items():
         metrics = report["summary"]["tasks"][task]
         expected = [reference[r["case_id"]][column] for r in rows]

@@ -1,5 +1,5 @@
 """Glue between the package and the bundles: data preparation per dataset and bundle helpers."""
 
-from ctan_monai.apps.bundle import find_bundle_root
+from ctan_monai.apps.bundle import find_bundle_root, load_weights
 
-__all__ = ["find_bundle_root"]
+__all__ = ["find_bundle_root", "load_weights"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,11 @@ from ctan_monai.data.ham10000 import (
     find_dataset_dir,
     prepare_splits,
 )
-from ctan_monai.data.samplers import RandomSubsetSampler
+from ctan_monai.data.samplers import RandomSubsetSampler, WeightedSubsetSampler
 from ctan_monai.losses.task_losses import ClassificationLoss
 
 __all__ = [
     "CLASS_BALANCE_MODES",
-    "ClassBalancedSampler",
     "diagnosis_task_losses",
     "prepare_ham10000",
     "sample_weights",
@@ -152,54 +151,6 @@ def sample_weights(datalist: Sequence[Mapping[str, Any]], method: str = "inverse
     return per_class[torch.as_tensor([int(e["dx"]) for e in datalist])].double()
 
 
-class ClassBalancedSampler(RandomSubsetSampler):
-    """Draw ``num_samples`` indices per epoch with replacement, each with probability proportional to its weight
-    (e.g. :func:`sample_weights`), and under DDP give each rank its share of that one draw.
-
-    Like ``RandomSubsetSampler``, the draw depends only on ``seed`` and the epoch (``set_epoch``, called by MONAI's
-    workflows at the start of each epoch): a resumed run draws what an uninterrupted one would have, and
-    ``num_samples`` is the same epoch budget on one process or on N.
-
-    Args:
-        weights: one non-negative weight per dataset index, not all zero.
-        num_samples: indices per epoch over all ranks; None: as many as there are weights.
-        distributed: shard across the ranks of the initialised default process group.
-        seed: seed of the draws.
-        num_replicas: number of ranks, overriding the process group's.
-        rank: this rank, overriding the process group's.
-
-    Raises:
-        ValueError: for negative, non-finite or all-zero weights, or a malformed ``num_samples`` (see
-            ``RandomSubsetSampler``).
-
-    Example:
-        >>> sampler = ClassBalancedSampler(torch.tensor([1.0, 0.0, 3.0]), num_samples=6, seed=0)
-        >>> sampler.set_epoch(1)
-        >>> sorted(set(sampler)) in ([0, 2], [2])
-        True
-    """
-
-    def __init__(
-        self,
-        weights: torch.Tensor | Sequence[float],
-        num_samples: int | None = None,
-        distributed: bool = False,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-    ) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
-        if not bool(torch.isfinite(self.weights).all()) or bool((self.weights < 0).any()) or self.weights.sum() <= 0:
-            raise ValueError("sampling weights must be finite, non-negative and not all zero")
-        super().__init__(range(self.weights.numel()), num_samples, distributed, seed, num_replicas, rank)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        indices = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator).tolist()
-        return iter(indices[self.rank : self.total_size : self.num_replicas])
-
-
 def training_sampler(
     datalist: Sequence[Mapping[str, Any]],
     class_balance: str = "sampler",
@@ -210,7 +161,7 @@ def training_sampler(
 ) -> RandomSubsetSampler:
     """The training loader's sampler for a class-balance mode (use it with ``shuffle=False``).
 
-    ``"sampler"``: a :class:`ClassBalancedSampler` drawing each image with the weight of its class (``method``), with
+    ``"sampler"``: a ``WeightedSubsetSampler`` drawing each image with the weight of its class (``method``), with
     replacement. ``"loss_weights"`` and ``"none"``: a ``RandomSubsetSampler`` (a fresh random order, or random subset
     of ``num_samples``, each epoch). Both draw from ``seed`` and the epoch, and shard the draw over the DDP ranks
     when ``distributed``.
@@ -238,7 +189,7 @@ def training_sampler(
     if not datalist:
         raise ValueError("the training split is empty: nothing to sample")
     if class_balance == "sampler":
-        return ClassBalancedSampler(sample_weights(datalist, method), num_samples, distributed, seed)
+        return WeightedSubsetSampler(sample_weights(datalist, method), num_samples, distributed, seed)
     return RandomSubsetSampler(range(len(datalist)), num_samples, distributed, seed)
 
 

@@ -31,7 +31,6 @@ __all__ = [
     "SplitTaskOutputsd",
     "WriteOpenKBPPredictiond",
     "find_inference_cases",
-    "load_weights",
 ]
 
 logger = logging.getLogger("ctan_monai.openkbp")
@@ -59,44 +58,6 @@ def find_inference_cases(input_dir: str | os.PathLike[str]) -> list[dict[str, An
     except FileNotFoundError as err:
         raise FileNotFoundError(f"input_dir {str(input_dir)!r} holds no OpenKBP patient to predict: {err}") from err
     return [{"image": str(folder), "case_id": folder.name} for _, folder in folders]
-
-
-def load_weights(
-    network: torch.nn.Module, ckpt_path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> torch.nn.Module:
-    """Load trained weights into ``network`` and put it in eval mode.
-
-    Accepts the bundle's ``models/model.pt`` (a bare state dict), a checkpoint dict holding it under ``model`` and
-    weights saved from a ``DistributedDataParallel`` network (``module.`` prefixes).
-
-    Args:
-        network: the network (or a DDP wrapper of it).
-        ckpt_path: the checkpoint file.
-        device: where to map the tensors.
-
-    Returns:
-        the network, weights loaded, in eval mode.
-
-    Raises:
-        FileNotFoundError: naming the checkpoint and its folder when the file does not exist.
-
-    Example:
-        >>> net = load_weights(net, "models/model.pt")  # doctest: +SKIP
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path.name!r} not found in {str(path.parent)!r}: train the model first "
-            "(configs/train.yaml writes models/model.pt) or pass --ckpt_path"
-        )
-    state = torch.load(path, map_location=device, weights_only=True)
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
-    target = network.module if hasattr(network, "module") else network
-    target.load_state_dict(state)
-    logger.info("loaded weights from %s", path)
-    return network.eval()
 
 
 class LoadOpenKBPPatientd(MapTransform):

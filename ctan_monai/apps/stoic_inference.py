@@ -1,6 +1,6 @@
-"""Glue for the STOIC bundle's inference config (``configs/inference.yaml``): list the chest CTs of a folder and load
-the trained weights. Reading and preprocessing the original files is ``ctan_monai.data.stoic.stoic_transform``
-(``source="original"``); the per-patient probabilities are written by
+"""Glue for the STOIC bundle's inference config (``configs/inference.yaml``): list the chest CTs of a folder.
+Reading and preprocessing the original files is ``ctan_monai.data.stoic.stoic_transform`` (``source="original"``);
+the weights are loaded by ``ctan_monai.apps.load_weights`` and the per-patient probabilities written by
 ``ctan_monai.engines.patient_classification.PatientClassificationHandler``."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ctan_monai.apps.openkbp_inference import load_weights
 from ctan_monai.data.stoic import case_sort_key
 
-__all__ = ["VOLUME_SUFFIXES", "find_inference_cases", "load_weights"]
+__all__ = ["VOLUME_SUFFIXES", "find_inference_cases"]
 
 # volume formats taken from a folder (STOIC ships .mha; SimpleITK reads the others too)
 VOLUME_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".nrrd")

@@ -1,15 +1,15 @@
-"""A per-epoch random subset of a dataset, the same in one process or sharded over DDP ranks."""
+"""Per-epoch random subsets of a dataset (uniform or weighted), the same in one process or sharded over DDP ranks."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-__all__ = ["RandomSubsetSampler"]
+__all__ = ["RandomSubsetSampler", "WeightedSubsetSampler"]
 
 
 class RandomSubsetSampler(DistributedSampler):
@@ -81,3 +81,52 @@ class RandomSubsetSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class WeightedSubsetSampler(RandomSubsetSampler):
+    """Draw ``num_samples`` indices per epoch with replacement, each with probability proportional to its weight
+    (e.g. the class weight of each image, ``ctan_monai.apps.ham10000.sample_weights``), and under DDP give each
+    rank its share of that one draw.
+
+    Like :class:`RandomSubsetSampler`, the draw depends only on ``seed`` and the epoch (``set_epoch``, called by MONAI's
+    workflows at the start of each epoch): a resumed run draws what an uninterrupted one would have, and
+    ``num_samples`` is the same epoch budget on one process or on N.
+
+    Args:
+        weights: one non-negative weight per dataset index, not all zero.
+        num_samples: indices per epoch over all ranks; None: as many as there are weights.
+        distributed: shard across the ranks of the initialised default process group.
+        seed: seed of the draws.
+        num_replicas: number of ranks, overriding the process group's.
+        rank: this rank, overriding the process group's.
+
+    Raises:
+        ValueError: for negative, non-finite or all-zero weights, or a malformed ``num_samples`` (see
+            ``RandomSubsetSampler``).
+
+    Example:
+        >>> sampler = WeightedSubsetSampler(torch.tensor([1.0, 0.0, 3.0]), num_samples=6, seed=0)
+        >>> sampler.set_epoch(1)
+        >>> sorted(set(sampler)) in ([0, 2], [2])
+        True
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor | Sequence[float],
+        num_samples: int | None = None,
+        distributed: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        if not bool(torch.isfinite(self.weights).all()) or bool((self.weights < 0).any()) or self.weights.sum() <= 0:
+            raise ValueError("sampling weights must be finite, non-negative and not all zero")
+        super().__init__(range(self.weights.numel()), num_samples, distributed, seed, num_replicas, rank)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        indices = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator).tolist()
+        return iter(indices[self.rank : self.total_size : self.num_replicas])

@@ -1,4 +1,5 @@
-"""Engine pieces for multi-task bundles: batch preparation, handlers, whole-volume evaluation, figures."""
+"""Engine pieces for multi-task bundles: batch preparation, handlers, evaluation (whole volumes, images, patients),
+figures."""
 
 from ctan_monai.engines.checkpoints import AtomicCheckpointSaver
 from ctan_monai.engines.evaluation import VolumeEvaluationHandler, openkbp_dvh_structures
@@ -10,12 +11,16 @@ from ctan_monai.engines.handlers import (
     TerminateOnNaNHandler,
     latest_checkpoint,
 )
+from ctan_monai.engines.image_evaluation import ImageEvaluationHandler
+from ctan_monai.engines.patient_classification import PatientClassificationHandler
 from ctan_monai.engines.prepare_batch import MultiTaskPrepareBatch
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "ImageEvaluationHandler",
     "MetricsHistoryHandler",
     "MultiTaskPrepareBatch",
+    "PatientClassificationHandler",
     "ProgressBarHandler",
     "ResumeFromLatestCheckpoint",
     "TaskWeightingHandler",
