@@ -9,15 +9,24 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from monai.bundle import ConfigParser
 
-from ctan_monai.compare import load_comparison_spec, summarise
+from ctan_monai.compare import (
+    RunPlan,
+    job_environments,
+    load_comparison_spec,
+    prepare_data,
+    run_plans,
+    summarise,
+)
 from ctan_monai.compare.__main__ import parse_overrides
 from ctan_monai.compare.table import format_markdown, to_csv
-from tests.conftest import OPENKBP_BUNDLE
+from tests.conftest import OPENKBP_BUNDLE, REPO_ROOT
 
 
 def _record(arch: str, seed: int, seg: float, dose: float) -> dict:
@@ -82,6 +91,79 @@ def test_overrides_and_spec_errors(tmp_path):
         load_comparison_spec(tmp_path)
 
 
+@pytest.mark.parametrize("bundle", sorted(p.name for p in (REPO_ROOT / "bundles").iterdir() if p.is_dir()))
+def test_every_bundle_declares_a_comparison(bundle):
+    spec = load_comparison_spec(REPO_ROOT / "bundles" / bundle)
+    assert len(spec.metrics) == 2 and set(spec.paper) == {"stl", "hps", "mtan", "ctan"}
+    train = ConfigParser()
+    train.read_config(str(spec.bundle / spec.train_config))
+    assert spec.prepare_id in train and spec.evaluate_id in ConfigParser.load_config_files(
+        [str(spec.bundle / spec.train_config), str(spec.bundle / spec.evaluate_config)]
+    )
+    assert train["task_names"] == spec.tasks
+
+
+def test_job_environments_share_the_cores_and_spread_the_gpus():
+    assert job_environments(1, cpu_count=8) == [{}]  # one job: the user's own settings, untouched
+    assert job_environments(1, gpus=["3"], cpu_count=8) == [{"CUDA_VISIBLE_DEVICES": "3"}]
+    slots = job_environments(3, gpus=["0", "1"], cpu_count=8)
+    assert [s["OMP_NUM_THREADS"] for s in slots] == ["2", "2", "2"]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "0"]
+    assert job_environments(4, cpu_count=2)[0]["OMP_NUM_THREADS"] == "1"
+    with pytest.raises(ValueError, match="at least 1"):
+        job_environments(0)
+
+
+def _plans(n: int) -> list[RunPlan]:
+    return [RunPlan(arch="hps", seed=s, run_dir=Path(f"/nonexistent/{s}"), overrides={}) for s in range(n)]
+
+
+def test_run_plans_runs_in_parallel_slots_in_order():
+    running, peak, seen = [0], [0], []
+    lock = threading.Lock()
+
+    def execute(plan, env):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            seen.append((plan.seed, env["CUDA_VISIBLE_DEVICES"]))
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return {"seed": plan.seed}
+
+    records, failed = run_plans(_plans(5), execute, job_environments(2, gpus=["0", "1"]))
+    assert failed == [] and sorted(records) == [f"hps_seed{s}" for s in range(5)]
+    assert peak[0] == 2  # two at a time, never more
+    assert [s for s, _ in seen] == [0, 1, 2, 3, 4]  # started in plan order
+    assert {gpu for _, gpu in seen} == {"0", "1"}
+
+
+def test_run_plans_stops_after_a_failure_unless_keep_going():
+    def execute(plan, env):
+        if plan.seed == 1:
+            raise RuntimeError("training failed")
+        return {"seed": plan.seed}
+
+    records, failed = run_plans(_plans(4), execute, [{}])
+    assert sorted(records) == ["hps_seed0"] and failed == ["hps_seed1"]  # nothing started after the failure
+    records, failed = run_plans(_plans(4), execute, [{}], keep_going=True)
+    assert sorted(records) == ["hps_seed0", "hps_seed2", "hps_seed3"] and failed == ["hps_seed1"]
+
+
+def test_prepare_data_converts_once_before_parallel_runs(bundle_copy: Path, tmp_path: Path):
+    (bundle_copy / "configs" / "compare.yaml").write_text((OPENKBP_BUNDLE / "configs" / "compare.yaml").read_text())
+    spec = load_comparison_spec(bundle_copy)
+    plan = RunPlan("hps", 0, tmp_path / "hps_seed0", {"output_dir": str(tmp_path / "hps_seed0")})
+    prepare_data(plan, spec, env={"OMP_NUM_THREADS": "1"})
+    assert (bundle_copy / "cache" / "openkbp" / "manifest.json").is_file()
+    assert "converted" in (tmp_path / "hps_seed0" / "prepare.log").read_text()
+    missing = {"dataset_dir": str(tmp_path / "nowhere"), "cache_dir": str(tmp_path / "no_cache")}
+    bad = RunPlan("hps", 0, tmp_path / "bad", missing)
+    with pytest.raises(RuntimeError, match="prepare.log"):
+        prepare_data(bad, spec)
+
+
 def _compare(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.Popen(
@@ -117,13 +199,15 @@ def test_tiny_comparison_is_killed_and_resumes(bundle_copy: Path, tmp_path: Path
     finished_at = stl_record.stat().st_mtime_ns
     assert not (out_dir / "table.md").exists()
 
-    proc = _compare(args, tmp_path)
+    proc = _compare([*args, "--jobs", "2"], tmp_path)  # two job slots: the CPU threads are shared between them
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     assert "stl_seed0: finished earlier, kept" in out
     assert stl_record.stat().st_mtime_ns == finished_at
     runs = json.loads((out_dir / "runs.json").read_text())["runs"]
     assert sorted(r["arch"] for r in runs) == ["hps", "stl"]
+    hps = next(r for r in runs if r["arch"] == "hps")
+    assert hps["job_environment"] == {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
     for record in runs:
         assert record["status"] == "finished" and record["environment"]["torch"]
         assert 0.0 <= record["metrics"]["seg"] <= 100.0 and record["metrics"]["dose"] >= 0.0

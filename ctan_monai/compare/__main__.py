@@ -10,6 +10,8 @@ same data, split, epochs, hyper-parameters; only ``arch`` and ``seed`` differ), 
 ``<output_dir>/runs``. Rerunning the same command skips finished runs and resumes an interrupted one from its last
 checkpoint. Outputs: ``table.md`` and ``table.csv`` (M and Delta vs STL per task, Delta_mean, rank; mean +- std over
 seeds), ``runs.json`` (every run's metrics, timings, versions, settings), ``learning_curves.png``, ``metrics.png``.
+``--jobs N`` runs N at a time (equal shares of the CPU threads; ``--gpus 0 1 ...`` gives each its own GPU), after
+preparing the bundle's data once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from typing import Any
 import yaml
 
 from ctan_monai.compare.plots import plot_learning_curves, plot_metric_bars
-from ctan_monai.compare.runner import RunPlan, environment_record, execute_run, load_finished_run
+from ctan_monai.compare.runner import (
+    RunPlan,
+    environment_record,
+    execute_run,
+    job_environments,
+    load_finished_run,
+    prepare_data,
+    run_plans,
+)
 from ctan_monai.compare.spec import ComparisonSpec, load_comparison_spec
 from ctan_monai.compare.table import format_markdown, summarise, to_csv
 from ctan_monai.networks import ARCHITECTURES
@@ -141,6 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout_min", type=float, default=None, help="limit per training or evaluation")
     parser.add_argument("--keep_going", action="store_true", help="after a failed run, go on with the others")
     parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at the same time, each with an equal share of the CPU threads"
+    )
+    parser.add_argument(
+        "--gpus", nargs="+", default=[], metavar="ID", help="spread the jobs over these GPUs (CUDA_VISIBLE_DEVICES)"
+    )
+    parser.add_argument(
         "--table_only", action="store_true", help="run nothing: write the table from the runs finished so far"
     )
     args = parser.parse_args(argv)
@@ -150,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = load_comparison_spec(args.bundle)
         overrides = parse_overrides(args.overrides)
     except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    try:
+        environments = job_environments(args.jobs, args.gpus)
+    except ValueError as error:
         parser.error(str(error))
     if "stl" not in args.archs:
         parser.error("--archs must include stl: Delta (paper Eq. 3) is relative to it")
@@ -163,30 +183,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {"bundle": str(spec.bundle), "archs": args.archs, "seeds": args.seeds, "overrides": overrides}
     plans = plan_runs(spec, args.archs, args.seeds, output_dir, overrides)
 
-    records: list[dict[str, Any]] = []
-    failures: list[str] = []
-    start = time.perf_counter()
+    finished: dict[str, dict[str, Any]] = {}
+    to_run: list[RunPlan] = []
     for index, plan in enumerate(plans, start=1):
         try:
-            finished = load_finished_run(plan)
+            record = load_finished_run(plan)
         except ValueError as error:
             parser.error(str(error))
-        if finished is not None:
+        if record is not None:
             logger.info("[%d/%d] %s: finished earlier, kept", index, len(plans), plan.name)
-            records.append(finished)
-            continue
-        if args.table_only:
+            finished[plan.name] = record
+        elif args.table_only:
             logger.warning("[%d/%d] %s: not finished, left out of the table", index, len(plans), plan.name)
-            continue
-        logger.info("[%d/%d] %s: training and evaluating in %s", index, len(plans), plan.name, plan.run_dir)
+        else:
+            to_run.append(plan)
+    timeout = None if args.timeout_min is None else args.timeout_min * 60
+
+    def execute(plan: RunPlan, env: dict[str, str]) -> dict[str, Any]:
+        logger.info("%s: training and evaluating in %s %s", plan.name, plan.run_dir, env or "")
+        return execute_run(plan, spec, timeout_s=timeout, env=env)
+
+    start = time.perf_counter()
+    if len(environments) > 1 and len(to_run) > 1:
         try:
-            timeout = None if args.timeout_min is None else args.timeout_min * 60
-            records.append(execute_run(plan, spec, timeout_s=timeout))
+            prepare_data(to_run[0], spec, timeout_s=timeout, env=environments[0])
         except RuntimeError as error:
-            logger.error("%s failed: %s", plan.name, error)
-            failures.append(plan.name)
-            if not args.keep_going:
-                return 1
+            logger.error("data preparation failed: %s", error)
+            return 1
+    new_records, failures = run_plans(to_run, execute, environments, keep_going=args.keep_going)
+    finished.update(new_records)
+    records = [finished[plan.name] for plan in plans if plan.name in finished]
+    if failures and not args.keep_going:
+        return 1
     logger.info("all runs done in %.1f min", (time.perf_counter() - start) / 60)
     if not any(r["arch"] == "stl" for r in records):
         logger.error("no STL run finished: no table")

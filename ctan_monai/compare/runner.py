@@ -15,7 +15,9 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,15 @@ import yaml
 from ctan_monai.compare.spec import ComparisonSpec, read_metric
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
 
-__all__ = ["RunPlan", "environment_record", "execute_run", "load_finished_run"]
+__all__ = [
+    "RunPlan",
+    "environment_record",
+    "execute_run",
+    "job_environments",
+    "load_finished_run",
+    "prepare_data",
+    "run_plans",
+]
 
 logger = logging.getLogger("ctan_monai.compare")
 
@@ -110,7 +120,11 @@ def load_finished_run(plan: RunPlan) -> dict[str, Any] | None:
 
 
 def execute_run(
-    plan: RunPlan, spec: ComparisonSpec, python: str = sys.executable, timeout_s: float | None = None
+    plan: RunPlan,
+    spec: ComparisonSpec,
+    python: str = sys.executable,
+    timeout_s: float | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and record one run; return its record.
 
@@ -119,6 +133,8 @@ def execute_run(
         spec: the bundle's comparison settings.
         python: the interpreter that runs the bundle.
         timeout_s: limit for each of the two subprocesses.
+        env: environment variables set for the run's subprocesses (its job slot: ``CUDA_VISIBLE_DEVICES``,
+            ``OMP_NUM_THREADS``), recorded with the run.
 
     Returns:
         the record written to ``run.json``: arch, seed, overrides, metrics per task, timings (s), environment.
@@ -126,9 +142,7 @@ def execute_run(
     Raises:
         RuntimeError: when training or evaluation fails (the message names the log file and ends with its tail).
     """
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    override_file = plan.run_dir / "overrides.yaml"
-    atomic_write_text(override_file, yaml.safe_dump(_plain(plan.overrides), sort_keys=True))
+    override_file = _write_overrides(plan)
     train_config = str(spec.bundle / spec.train_config)
     evaluate_config = str(spec.bundle / spec.evaluate_config)
     record: dict[str, Any] = {
@@ -137,6 +151,7 @@ def execute_run(
         "status": "running",
         "overrides": _plain(plan.overrides),
         "environment": environment_record(),
+        "job_environment": dict(env or {}),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(plan.run_dir / "run.json", record)
@@ -148,7 +163,7 @@ def execute_run(
         command = [python, "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs)]
         record[f"{stage}_command"] = command
         start = time.perf_counter()
-        _run_logged(command, plan.run_dir / f"{stage}.log", cwd=spec.bundle, timeout_s=timeout_s)
+        _run_logged(command, plan.run_dir / f"{stage}.log", cwd=spec.bundle, timeout_s=timeout_s, env=env)
         timings[f"{stage}_s"] = round(time.perf_counter() - start, 2)
         logger.info("%s: %s finished in %.1f s", plan.name, stage, timings[f"{stage}_s"])
     report_path = plan.run_dir / spec.report
@@ -163,8 +178,50 @@ def execute_run(
     return record
 
 
-def _run_logged(command: list[str], log_path: Path, cwd: Path, timeout_s: float | None) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def prepare_data(
+    plan: RunPlan,
+    spec: ComparisonSpec,
+    python: str = sys.executable,
+    timeout_s: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Prepare the bundle's data once, with ``plan``'s settings, before runs start in parallel: evaluate the
+    bundle's ``spec.prepare_id`` (its ``data`` item: demo writing, validation, conversion to a cache, split), so that
+    parallel runs find the cache made instead of each converting the same data at once. Logged to the run's
+    ``prepare.log``.
+
+    Args:
+        plan: a run whose settings (dataset, cache) the others share.
+        spec: the bundle's comparison settings.
+        python: the interpreter that runs the bundle.
+        timeout_s: limit for the subprocess.
+        env: environment variables for the subprocess.
+
+    Raises:
+        RuntimeError: when the preparation fails (the message names the log file and ends with its tail).
+
+    Example:
+        >>> prepare_data(plans[0], spec)  # doctest: +SKIP
+    """
+    override_file = _write_overrides(plan)
+    configs = [str(spec.bundle / spec.train_config), str(override_file)]
+    command = [python, "-m", "monai.bundle", "run", spec.prepare_id, "--config_file", repr(configs)]
+    start = time.perf_counter()
+    _run_logged(command, plan.run_dir / "prepare.log", cwd=spec.bundle, timeout_s=timeout_s, env=env)
+    logger.info("data prepared in %.1f s (%s)", time.perf_counter() - start, plan.run_dir / "prepare.log")
+
+
+def _write_overrides(plan: RunPlan) -> Path:
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    override_file = plan.run_dir / "overrides.yaml"
+    atomic_write_text(override_file, yaml.safe_dump(_plain(plan.overrides), sort_keys=True))
+    return override_file
+
+
+def _run_logged(
+    command: list[str], log_path: Path, cwd: Path, timeout_s: float | None, env: Mapping[str, str] | None = None
+) -> None:
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(
@@ -186,3 +243,96 @@ def _plain(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return value
+
+
+def job_environments(jobs: int, gpus: Sequence[str] = (), cpu_count: int | None = None) -> list[dict[str, str]]:
+    """The environment variables of each of ``jobs`` parallel run slots.
+
+    Each slot gets an equal share of the CPU threads (``OMP_NUM_THREADS``, only when ``jobs > 1``: more threads than
+    cores make every OpenMP barrier wait) and, when ``gpus`` are given, one of them (``CUDA_VISIBLE_DEVICES``,
+    round-robin, so two slots may share a large GPU).
+
+    Args:
+        jobs: runs at the same time, at least 1.
+        gpus: GPU ids (as ``CUDA_VISIBLE_DEVICES`` spells them) to spread the slots over; empty: leave it unset.
+        cpu_count: cores to share (default: ``os.cpu_count()``).
+
+    Returns:
+        one dict per slot.
+
+    Raises:
+        ValueError: when ``jobs`` is below 1.
+
+    Example:
+        >>> job_environments(2, gpus=["0", "1"], cpu_count=16)
+        [{'OMP_NUM_THREADS': '8', 'CUDA_VISIBLE_DEVICES': '0'}, {'OMP_NUM_THREADS': '8', 'CUDA_VISIBLE_DEVICES': '1'}]
+    """
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    cores = cpu_count or os.cpu_count() or 1
+    slots = []
+    for slot in range(jobs):
+        env = {"OMP_NUM_THREADS": str(max(1, cores // jobs))} if jobs > 1 else {}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)])
+        slots.append(env)
+    return slots
+
+
+def run_plans(
+    plans: Sequence[RunPlan],
+    execute: Callable[[RunPlan, dict[str, str]], dict[str, Any]],
+    environments: Sequence[dict[str, str]],
+    keep_going: bool = False,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Run ``plans`` in their order, as many at a time as there are ``environments`` (job slots).
+
+    A failed run (``execute`` raising ``RuntimeError``) is logged; without ``keep_going`` no further run starts,
+    while the runs already going in other slots finish (their records are kept, so a rerun resumes from there).
+
+    Args:
+        plans: the runs still to do.
+        execute: trains and evaluates one run in a slot's environment; returns its record.
+        environments: one environment per slot (:func:`job_environments`).
+        keep_going: start the remaining runs after a failure.
+
+    Returns:
+        the records of the finished runs by run name, and the names of the failed runs.
+
+    Example:
+        >>> records, failed = run_plans(plans, lambda p, env: execute_run(p, spec, env=env), job_environments(2))
+        ... # doctest: +SKIP
+    """
+    pending = list(plans)
+    lock = threading.Lock()
+    stop = threading.Event()
+    records: dict[str, dict[str, Any]] = {}
+    failures: list[str] = []
+
+    def work(env: dict[str, str]) -> None:
+        while not stop.is_set():
+            with lock:
+                if not pending:
+                    return
+                plan = pending.pop(0)
+            try:
+                record = execute(plan, env)
+            except RuntimeError as error:
+                logger.error("%s failed: %s", plan.name, error)
+                with lock:
+                    failures.append(plan.name)
+                if not keep_going:
+                    stop.set()
+                continue
+            with lock:
+                records[plan.name] = record
+
+    if len(environments) == 1:
+        work(environments[0])
+    else:
+        workers = [threading.Thread(target=work, args=(env,), daemon=True) for env in environments]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    return records, failures

@@ -42,6 +42,8 @@ class ComparisonSpec:
         train_config: training config, relative to the bundle.
         evaluate_config: evaluation config merged over the training config.
         evaluate_id: the run id of the evaluation.
+        prepare_id: the config id whose evaluation prepares the data (demo writing, conversion to a cache): run once
+            before parallel runs (``--jobs``), so that they do not convert the same data at the same time.
         report: the evaluation report, relative to the run's ``output_dir``.
         metrics: one metric per task, in table order.
         curves: keys of ``metrics_history.json`` drawn as learning curves.
@@ -60,6 +62,7 @@ class ComparisonSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
     paper_note: str = ""
+    prepare_id: str = "data"
 
     @property
     def tasks(self) -> list[str]:
@@ -123,6 +126,7 @@ def load_comparison_spec(bundle: str | os.PathLike[str]) -> ComparisonSpec:
         overrides=dict(raw.get("overrides", {}) or {}),
         paper={str(a): {str(t): float(v) for t, v in m.items()} for a, m in (raw.get("paper") or {}).items()},
         paper_note=str(raw.get("paper_note", "")),
+        prepare_id=str(raw.get("prepare_id", "data")),
     )
 
 
