@@ -71,6 +71,11 @@ def test_summary_needs_the_stl_baseline_and_keeps_undefined_metrics_visible():
     ctan = next(r for r in rows if r["arch"] == "ctan")
     assert math.isnan(ctan["tasks"]["seg"]["delta_mean"]) and math.isnan(ctan["delta_mean"])
     assert "n/a" in format_markdown(rows, spec)
+    # one seed has no spread: no "± 0.00" that would read as a measured zero
+    rows = summarise([_record("stl", 0, 70.0, 2.0), _record("ctan", 0, 77.0, 1.8)], spec)
+    assert math.isnan(rows[0]["tasks"]["seg"]["std"]) and not rows[0]["tasks"]["seg"]["beyond_noise"]
+    table = format_markdown(rows, spec)
+    assert "| CTAN | 1 | 77.00 | +10.00 | 1.80 | +10.00 | +10.00 | 1 |" in table and "±" not in table.split("\n", 2)[2]
 
 
 def test_overrides_and_spec_errors(tmp_path):

@@ -41,6 +41,7 @@ from ctan_monai.compare.spec import ComparisonSpec, load_comparison_spec
 from ctan_monai.compare.table import format_markdown, summarise, to_csv
 from ctan_monai.networks import ARCHITECTURES
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
+from ctan_monai.utils.json_safe import json_safe
 
 logger = logging.getLogger("ctan_monai.compare")
 
@@ -103,9 +104,9 @@ def write_outputs(
         f"monai {env['monai']}, ctan_monai {env['ctan_monai']} ({env['git_commit']}).",
         "",
         table,
-        "M: mean ± std over seeds. Δ (paper Eq. 3) is computed per seed against the STL run of the same seed; "
-        "positive means better than STL. `*`: the two means differ by more than two standard errors of their "
-        "difference over seeds (a screening rule over seeds, not a significance test). Rank: by Δ mean.",
+        "M: mean ± std over seeds (no ± with one seed). Δ (paper Eq. 3) is computed per seed against the STL run of "
+        "the same seed; positive means better than STL. `*`: the two means differ by more than two standard errors of "
+        "their difference over seeds (a screening rule over seeds, not a significance test). Rank: by Δ mean.",
     ]
     if spec.paper:
         lines += ["", "Paper (Table 2):", "", "| Method | " + " | ".join(m.task for m in spec.metrics) + " |"]
@@ -121,7 +122,7 @@ def write_outputs(
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(output_dir / "table.md", markdown)
     atomic_write_text(output_dir / "table.csv", to_csv(rows, spec))
-    atomic_write_json(output_dir / "runs.json", {"settings": settings, "runs": records, "summary": rows})
+    atomic_write_json(output_dir / "runs.json", json_safe({"settings": settings, "runs": records, "summary": rows}))
     run_dirs: dict[str, list[Path]] = {}
     for plan in plans:
         run_dirs.setdefault(plan.arch, []).append(plan.run_dir)

@@ -22,7 +22,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return float("nan"), float("nan")
-    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+    # one value has no spread: NaN, printed as no "± ..." rather than a misleading "± 0.00"
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else float("nan"))
 
 
 def summarise(records: Sequence[Mapping[str, Any]], spec: ComparisonSpec, baseline: str = "stl") -> list[ArchSummary]:
@@ -104,6 +105,8 @@ def _pm(mean: float, std: float, digits: int, signed: bool = False) -> str:
     if math.isnan(mean):
         return "n/a"
     sign = "+" if signed else ""
+    if math.isnan(std):
+        return f"{mean:{sign}.{digits}f}"
     return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
 
 
