@@ -148,12 +148,16 @@ def test_run_plans_stops_after_a_failure_unless_keep_going():
     def execute(plan, env):
         if plan.seed == 1:
             raise RuntimeError("training failed")
+        if plan.seed == 3:
+            raise KeyError("report has no 'summary.mean_dice'")  # not lost in a worker thread either
         return {"seed": plan.seed}
 
     records, failed = run_plans(_plans(4), execute, [{}])
     assert sorted(records) == ["hps_seed0"] and failed == ["hps_seed1"]  # nothing started after the failure
     records, failed = run_plans(_plans(4), execute, [{}], keep_going=True)
-    assert sorted(records) == ["hps_seed0", "hps_seed2", "hps_seed3"] and failed == ["hps_seed1"]
+    assert sorted(records) == ["hps_seed0", "hps_seed2"] and failed == ["hps_seed1", "hps_seed3"]
+    records, failed = run_plans(_plans(4), execute, job_environments(2), keep_going=True)
+    assert sorted(records) == ["hps_seed0", "hps_seed2"] and sorted(failed) == ["hps_seed1", "hps_seed3"]
 
 
 def test_prepare_data_converts_once_before_parallel_runs(bundle_copy: Path, tmp_path: Path):

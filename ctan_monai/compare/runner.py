@@ -287,7 +287,8 @@ def run_plans(
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Run ``plans`` in their order, as many at a time as there are ``environments`` (job slots).
 
-    A failed run (``execute`` raising ``RuntimeError``) is logged; without ``keep_going`` no further run starts,
+    A failed run (``execute`` raising, e.g. ``RuntimeError`` from a failed subprocess or ``KeyError`` from a report
+    without the declared metric) is logged; without ``keep_going`` no further run starts,
     while the runs already going in other slots finish (their records are kept, so a rerun resumes from there).
 
     Args:
@@ -317,8 +318,8 @@ def run_plans(
                 plan = pending.pop(0)
             try:
                 record = execute(plan, env)
-            except RuntimeError as error:
-                logger.error("%s failed: %s", plan.name, error)
+            except Exception as error:  # in a worker thread an uncaught error would vanish: count it as a failure
+                logger.error("%s failed: %s: %s", plan.name, type(error).__name__, error)
                 with lock:
                     failures.append(plan.name)
                 if not keep_going:
