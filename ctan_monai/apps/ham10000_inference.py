@@ -5,8 +5,6 @@ images, every file atomically."""
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -15,13 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
 from ctan_monai.data.ham10000 import HAM10000_CLASSES, IMAGE_DIR_PREFIX, MASK_SUFFIX
-from ctan_monai.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+from ctan_monai.engines.base import RunCollectorHandler, write_csv
+from ctan_monai.utils.atomic import atomic_path, atomic_write_json
 
 __all__ = [
     "INFERENCE_IMAGE_EXTENSIONS",
@@ -190,7 +189,7 @@ class WriteHAM10000Predictiond(MapTransform):
         return d
 
 
-class PredictionTableHandler:
+class PredictionTableHandler(RunCollectorHandler):
     """After inference, write ``predictions.csv`` (atomically): one row per image with the predicted class, the
     probability of every class, the lesion's share of the image and the mask file, from the records that
     :class:`WriteHAM10000Predictiond` leaves in the evaluator's (decollated) output.
@@ -215,39 +214,30 @@ class PredictionTableHandler:
         self.class_names = list(class_names)
         self.records: list[dict[str, Any]] = []
 
-    def attach(self, engine: Engine) -> None:
-        """Register on ``STARTED``, ``ITERATION_COMPLETED`` and ``EPOCH_COMPLETED``."""
-        engine.add_event_handler(Events.STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
-
-    def reset(self, engine: Engine) -> None:
+    def reset(self, engine: Engine | None = None) -> None:
         """Forget the records of a previous run."""
         self.records = []
 
-    def collect(self, engine: Engine) -> None:
+    def iteration_completed(self, engine: Engine) -> None:
         """Keep the records of the images of the batch just predicted."""
         output = engine.state.output
         items = output if isinstance(output, list) else [output]
         self.records += [item[RECORD_KEY] for item in items if isinstance(item, Mapping) and RECORD_KEY in item]
 
-    def write(self, engine: Engine) -> None:
+    def run_completed(self, engine: Engine) -> None:
         """Write the table."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(
-            ["image_id", "predicted_class", *[f"prob_{n}" for n in self.class_names], "lesion_fraction", "mask"]
-        )
+        columns = ["image_id", "predicted_class", *[f"prob_{n}" for n in self.class_names], "lesion_fraction", "mask"]
+        rows = []
         for record in self.records:
             probs = record.get("probabilities", {})
-            writer.writerow(
+            rows.append(
                 [
                     record["image_id"],
-                    record.get("predicted_class", ""),
-                    *[probs.get(n, "") for n in self.class_names],
+                    record.get("predicted_class"),
+                    *[probs.get(n) for n in self.class_names],
                     record["lesion_fraction"],
                     record["mask"],
                 ]
             )
-        atomic_write_text(self.path, buffer.getvalue())
+        write_csv(self.path, columns, rows)
         logger.info("wrote %s (%d images)", self.path, len(self.records))

@@ -1,6 +1,7 @@
 """Engine pieces for multi-task bundles: batch preparation, handlers, evaluation (whole volumes, images, patients),
 figures."""
 
+from ctan_monai.engines.base import RunCollectorHandler, csv_text, figures_never_fail, write_csv, write_report
 from ctan_monai.engines.checkpoints import AtomicCheckpointSaver
 from ctan_monai.engines.evaluation import VolumeEvaluationHandler, openkbp_dvh_structures
 from ctan_monai.engines.handlers import (
@@ -23,9 +24,14 @@ __all__ = [
     "PatientClassificationHandler",
     "ProgressBarHandler",
     "ResumeFromLatestCheckpoint",
+    "RunCollectorHandler",
     "TaskWeightingHandler",
     "TerminateOnNaNHandler",
     "VolumeEvaluationHandler",
+    "csv_text",
+    "figures_never_fail",
     "latest_checkpoint",
     "openkbp_dvh_structures",
+    "write_csv",
+    "write_report",
 ]

@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -14,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
+from ctan_monai.engines.base import RunCollectorHandler, figures_never_fail, write_csv, write_report
 from ctan_monai.metrics.dose import aggregate_dose_results, evaluate_dose, openkbp_dose_score
 from ctan_monai.metrics.segmentation import aggregate_dice, dice_report
-from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
-from ctan_monai.utils.json_safe import json_safe
 
 __all__ = ["DVHStructuresFn", "VolumeEvaluationHandler", "openkbp_dvh_structures"]
 
@@ -54,7 +50,7 @@ def _first(value: Any) -> Any:
     return value
 
 
-class VolumeEvaluationHandler:
+class VolumeEvaluationHandler(RunCollectorHandler):
     """Metrics of whole cases for a ``SupervisedEvaluator`` with batch size 1 (one patient per iteration).
 
     Per case: Dice (%) per structure (background excluded; a structure that the case lacks is left out),
@@ -96,17 +92,11 @@ class VolumeEvaluationHandler:
         self.cases: list[dict[str, Any]] = []
         self.logger = logging.getLogger("ctan_monai.evaluation")
 
-    def attach(self, engine: Engine) -> None:
-        """Register on ``STARTED``, ``ITERATION_COMPLETED`` and ``EPOCH_COMPLETED``."""
-        engine.add_event_handler(Events.STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.case_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.run_completed)
-
-    def reset(self, engine: Engine) -> None:
+    def reset(self, engine: Engine | None = None) -> None:
         """Forget the cases of a previous run."""
         self.cases = []
 
-    def case_completed(self, engine: Engine) -> None:
+    def iteration_completed(self, engine: Engine) -> None:
         """Compute the metrics of the case just evaluated."""
         output = engine.state.output
         batch = engine.state.batch
@@ -172,28 +162,24 @@ class VolumeEvaluationHandler:
             self._write_report(engine, summary)
 
     def _write_report(self, engine: Engine, summary: Mapping[str, Any]) -> None:
-        report = {"epoch": getattr(engine.state, "epoch", None), "summary": summary, "cases": self.cases}
-        atomic_write_json(self.output_dir / "report.json", json_safe(report))
+        write_report(self.output_dir / "report.json", engine, summary, "cases", self.cases)
         columns = ["case_id", "mean_dice", *[f"dice_{n}" for n in self.structure_names], "dose_mae", "dvh_score"]
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(columns)
+        rows = []
         for case in self.cases:
             dice = case.get("dice", {})
-            values = [case["case_id"], case.get("mean_dice"), *[dice.get(n) for n in self.structure_names]]
-            values += [case.get("dose_mae"), case.get("dvh_score")]
-            writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in values])
-        atomic_write_text(self.output_dir / "cases.csv", buffer.getvalue())
+            rows.append(
+                [case["case_id"], case.get("mean_dice"), *[dice.get(n) for n in self.structure_names]]
+                + [case.get("dose_mae"), case.get("dvh_score")]
+            )
+        write_csv(self.output_dir / "cases.csv", columns, rows)
 
     def _write_figures(self, case_id: str, arrays: Mapping[str, Any]) -> None:
         from ctan_monai.engines.figures import plot_case_slices, plot_dvh_curves  # matplotlib only when needed
 
         figures = self.output_dir / "figures"
-        try:
+        with figures_never_fail(self.logger, f"figures for {case_id}"):
             plot_case_slices(arrays, self.structure_names, figures / f"{case_id}_slices.png", title=case_id)
             if "structures" in arrays and "pred_dose" in arrays:
                 plot_dvh_curves(
                     arrays["pred_dose"], arrays["ref_dose"], arrays["structures"], figures / f"{case_id}_dvh.png"
                 )
-        except Exception:  # a figure must never cost the evaluation
-            self.logger.exception("figures for %s could not be written", case_id)

@@ -5,8 +5,6 @@ prediction overlays), all written atomically. Task and class names are arguments
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -16,17 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
+from ctan_monai.engines.base import RunCollectorHandler, figures_never_fail, write_csv, write_report
 from ctan_monai.metrics.classification import binary_report, multiclass_report
 from ctan_monai.metrics.segmentation import aggregate_dice, dice_report
-from ctan_monai.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
-from ctan_monai.utils.json_safe import json_safe
+from ctan_monai.utils.atomic import atomic_path
 
 __all__ = ["ImageEvaluationHandler", "plot_confusion_matrix", "plot_overlays"]
 
 
-class ImageEvaluationHandler:
+class ImageEvaluationHandler(RunCollectorHandler):
     """Metrics of 2D images for a ``SupervisedEvaluator`` run with ``decollate=False`` (any batch size).
 
     Per image: the Dice (%) of each foreground structure of ``seg_task`` (background excluded; NaN when a structure
@@ -90,12 +88,6 @@ class ImageEvaluationHandler:
         self.summary: dict[str, Any] = {}
         self.reset()
 
-    def attach(self, engine: Engine) -> None:
-        """Register on ``STARTED``, ``ITERATION_COMPLETED`` and ``EPOCH_COMPLETED``."""
-        engine.add_event_handler(Events.STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.batch_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.run_completed)
-
     def reset(self, engine: Engine | None = None) -> None:
         """Forget the images of a previous run."""
         self.rows: list[dict[str, Any]] = []
@@ -107,7 +99,7 @@ class ImageEvaluationHandler:
 
     # ------------------------------------------------------------------------------------------------ per batch
 
-    def batch_completed(self, engine: Engine) -> None:
+    def iteration_completed(self, engine: Engine) -> None:
         """Score the images of the batch just evaluated.
 
         Raises:
@@ -282,16 +274,13 @@ class ImageEvaluationHandler:
         return result
 
     def _write_report(self, engine: Engine, summary: Mapping[str, Any]) -> None:
-        report = {"epoch": getattr(engine.state, "epoch", None), "summary": summary, "images": self.rows}
-        atomic_write_json(self.output_dir / "report.json", json_safe(report))
+        write_report(self.output_dir / "report.json", engine, summary, "images", self.rows)
         columns = ["image_id"]
         if self.seg_task is not None:
             columns += ["mean_dice", *[f"dice_{n}" for n in self.structure_names]]
         if self.cls_task is not None:
             columns += ["true_class", "predicted_class", *[f"prob_{n}" for n in self.class_names]]
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(columns)
+        rows = []
         for row in self.rows:
             dice, probs = row.get("dice", {}), row.get("probabilities", {})
             values: list[Any] = [row["image_id"]]
@@ -299,12 +288,12 @@ class ImageEvaluationHandler:
                 values += [row.get("mean_dice"), *[dice.get(n) for n in self.structure_names]]
             if self.cls_task is not None:
                 values += [row.get("true_class"), row.get("predicted_class"), *[probs.get(n) for n in self.class_names]]
-            writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in values])
-        atomic_write_text(self.output_dir / "images.csv", buffer.getvalue())
+            rows.append(values)
+        write_csv(self.output_dir / "images.csv", columns, rows)
 
     def _write_figures(self, summary: Mapping[str, Any]) -> None:
         figures = self.output_dir / "figures"
-        try:
+        with figures_never_fail(self.logger, f"figures in {figures}"):
             if "classification" in summary:
                 result = summary["classification"]
                 title = f"accuracy {result['accuracy']:.1f}%, balanced accuracy {result['balanced_accuracy']:.1f}%"
@@ -319,8 +308,6 @@ class ImageEvaluationHandler:
             samples = samples[: self.figures]
             if samples:
                 plot_overlays(samples, self.structure_names, figures / "overlays.png")
-        except Exception:  # a figure must never cost the evaluation
-            self.logger.exception("figures could not be written to %s", figures)
 
 
 def _present(targets: Mapping[str, torch.Tensor], task: str, size: int) -> np.ndarray:

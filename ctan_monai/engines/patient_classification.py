@@ -5,8 +5,6 @@ atomically."""
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -17,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
+from ctan_monai.engines.base import RunCollectorHandler, figures_never_fail, write_csv, write_report
 from ctan_monai.metrics.classification import accuracy, binary_report, confusion_matrix, roc_curve_points
-from ctan_monai.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
-from ctan_monai.utils.json_safe import json_safe
+from ctan_monai.utils.atomic import atomic_path, atomic_write_json
 
 __all__ = ["PatientClassificationHandler", "patient_table", "plot_roc_curve", "task_metrics"]
 
@@ -164,7 +162,7 @@ def plot_roc_curve(
     plt.close(fig)
 
 
-class PatientClassificationHandler:
+class PatientClassificationHandler(RunCollectorHandler):
     """Patient-level metrics and predictions of binary image-level tasks, for a ``SupervisedEvaluator`` with
     ``decollate=False``.
 
@@ -227,12 +225,6 @@ class PatientClassificationHandler:
         self.table: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
         self.reset()
-
-    def attach(self, engine: Engine) -> None:
-        """Register on ``STARTED``, ``ITERATION_COMPLETED`` and ``EPOCH_COMPLETED``."""
-        engine.add_event_handler(Events.STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.run_completed)
 
     def reset(self, engine: Engine | None = None) -> None:
         """Forget the samples of a previous run."""
@@ -314,9 +306,10 @@ class PatientClassificationHandler:
         predictions = self.predictions()
         atomic_write_json(self.output_dir / "predictions.json", predictions)
         names = [self.prediction_names[t] for t in self.task_names]
-        atomic_write_text(
+        write_csv(
             self.output_dir / "predictions.csv",
-            _csv_text(["PatientID", *names], [[case, *values.values()] for case, values in predictions.items()]),
+            ["PatientID", *names],
+            [[case, *values.values()] for case, values in predictions.items()],
         )
         if self.per_case_files:
             for case, values in predictions.items():
@@ -324,28 +317,16 @@ class PatientClassificationHandler:
         if not labelled_tasks:
             self.logger.info("wrote probabilities of %d patients to %s", len(predictions), self.output_dir)
             return
-        report = {"epoch": getattr(engine.state, "epoch", None), "summary": summary, "patients": self.table}
-        atomic_write_json(self.output_dir / "report.json", json_safe(report))
+        write_report(self.output_dir / "report.json", engine, summary, "patients", self.table)
         columns = ["case_id", "num_samples", *[f"{t}_{k}" for t in self.task_names for k in ("prob", "label")]]
         rows = [[row.get(c) for c in columns] for row in self.table]
-        atomic_write_text(self.output_dir / "cases.csv", _csv_text(columns, rows))
+        write_csv(self.output_dir / "cases.csv", columns, rows)
         if self.figures:
             for task in labelled_tasks:
-                try:
+                with figures_never_fail(self.logger, f"the ROC figure of {task}"):
                     path = self.output_dir / "figures" / f"roc_{task}.png"
                     plot_roc_curve(self.table, task, path, summary["tasks"][task]["auc"])
-                except Exception:  # a figure must never cost the evaluation
-                    self.logger.exception("ROC figure of %s could not be written", task)
 
 
 def _rounded(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()}
-
-
-def _csv_text(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row])
-    return buffer.getvalue()
