@@ -25,6 +25,7 @@ from ctan_monai.compare import (
     summarise,
 )
 from ctan_monai.compare.__main__ import parse_overrides
+from ctan_monai.compare.plots import bar_axis_limits
 from ctan_monai.compare.table import format_markdown, to_csv
 from tests.conftest import OPENKBP_BUNDLE, REPO_ROOT
 
@@ -231,3 +232,20 @@ def test_tiny_comparison_is_killed_and_resumes(bundle_copy: Path, tmp_path: Path
     proc = _compare([*args[:-2], "--set", "eval_figures=1"], tmp_path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "finished with other settings" in out
+
+
+def test_bar_axis_shows_every_error_bar_whole() -> None:
+    # the OpenKBP dose panel once zoomed to the bars and cut every seed spread off
+    means, stds = [13.12, 13.80, 13.05, 13.64], [3.34, 1.20, 1.97, 1.44]
+    low, high = bar_axis_limits(means, stds)
+    assert low <= min(m - s for m, s in zip(means, stds))
+    assert high >= max(m + s for m, s in zip(means, stds))
+    assert low > 0  # still zoomed in, not from zero
+
+
+def test_bar_axis_without_spread_or_values() -> None:
+    low, high = bar_axis_limits([15.0, 36.6], [math.nan, math.nan])  # one seed: no error bars
+    assert 0 <= low < 15.0 and high > 36.6
+    assert bar_axis_limits([math.nan], [math.nan]) is None
+    low, _ = bar_axis_limits([-2.0, 1.0], [0.5, 0.5])  # negative values are not clipped at zero
+    assert low < -2.5

@@ -68,6 +68,36 @@ def plot_learning_curves(
     return True
 
 
+def bar_axis_limits(means: Sequence[float], stds: Sequence[float]) -> tuple[float, float] | None:
+    """The value axis of a bar panel: zoomed in on the bars (the differences of interest are small next to the values)
+    yet showing every error bar whole, so that the seed spread is never cut off.
+
+    Args:
+        means: the bars' heights (NaN for a missing value).
+        stds: their error bars (NaN for none, e.g. one seed).
+
+    Returns:
+        ``(low, high)``, or None when no mean is finite. ``low`` is not below 0 for non-negative values.
+
+    Example:
+        >>> [round(v, 2) for v in bar_axis_limits([13.1, 13.8], [3.3, 1.2])]
+        [8.81, 17.39]
+    """
+    lows, highs = [], []
+    for mean, std in zip(means, stds):
+        if not math.isfinite(mean):
+            continue
+        spread = std if math.isfinite(std) else 0.0
+        lows.append(mean - spread)
+        highs.append(mean + spread)
+    if not lows:
+        return None
+    low, high = min(lows), max(highs)
+    pad = max((high - low) * 0.15, abs(high) * 0.02, 1e-6)
+    floor = 0.0 if min(m for m in means if math.isfinite(m)) >= 0 else -math.inf
+    return max(floor, low - pad), high + pad
+
+
 def plot_metric_bars(rows: Sequence[Mapping[str, Any]], spec: ComparisonSpec, path: str | os.PathLike[str]) -> None:
     """One panel per task: the metric's mean over seeds per architecture, with the std as error bar.
 
@@ -88,11 +118,9 @@ def plot_metric_bars(rows: Sequence[Mapping[str, Any]], spec: ComparisonSpec, pa
         means = [r["tasks"][metric.task]["mean"] for r in ordered]
         stds = [r["tasks"][metric.task]["std"] for r in ordered]
         ax.bar(names, means, yerr=stds, capsize=4, color=plt.cm.tab10(np.arange(len(names))))
-        finite = [m for m in means if not math.isnan(m)]
-        if finite:  # zoom in: the differences of interest are small next to the values
-            low, high = min(finite), max(finite)
-            pad = max((high - low) * 0.6, abs(high) * 0.02, 1e-6)
-            ax.set_ylim(max(0.0, low - pad) if low >= 0 else low - pad, high + pad)
+        limits = bar_axis_limits(means, stds)
+        if limits is not None:
+            ax.set_ylim(*limits)
         arrow = "higher is better" if metric.higher_is_better else "lower is better"
         ax.set_title(f"{metric.task}: {metric.label}\n({arrow})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
