@@ -65,3 +65,15 @@ def test_weighted_draw_follows_the_weights_and_never_draws_a_zero_weight():
 def test_weighted_sampler_refuses_bad_weights(weights):
     with pytest.raises(ValueError, match="finite, non-negative and not all zero"):
         WeightedSubsetSampler(weights)
+
+
+def test_weighted_ranks_share_one_draw():
+    def draw(**kwargs) -> list[int]:
+        sampler = WeightedSubsetSampler([1.0, 2.0, 0.5, 4.0], num_samples=20, seed=3, **kwargs)
+        sampler.set_epoch(1)
+        return list(sampler)
+
+    single = draw()
+    shards = [draw(num_replicas=4, rank=r) for r in range(4)]
+    assert all(len(s) == 5 for s in shards)
+    assert [shards[i % 4][i // 4] for i in range(20)] == single  # rank r takes every 4th index from r

@@ -83,18 +83,12 @@ def bar_axis_limits(means: Sequence[float], stds: Sequence[float]) -> tuple[floa
         >>> [round(v, 2) for v in bar_axis_limits([13.1, 13.8], [3.3, 1.2])]
         [8.81, 17.39]
     """
-    lows, highs = [], []
-    for mean, std in zip(means, stds):
-        if not math.isfinite(mean):
-            continue
-        spread = std if math.isfinite(std) else 0.0
-        lows.append(mean - spread)
-        highs.append(mean + spread)
-    if not lows:
+    bars = [(m, s if math.isfinite(s) else 0.0) for m, s in zip(means, stds) if math.isfinite(m)]
+    if not bars:
         return None
-    low, high = min(lows), max(highs)
+    low, high = min(m - s for m, s in bars), max(m + s for m, s in bars)
     pad = max((high - low) * 0.15, abs(high) * 0.02, 1e-6)
-    floor = 0.0 if min(m for m in means if math.isfinite(m)) >= 0 else -math.inf
+    floor = 0.0 if min(m for m, _ in bars) >= 0 else -math.inf
     return max(floor, low - pad), high + pad
 
 

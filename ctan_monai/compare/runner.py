@@ -160,7 +160,7 @@ def execute_run(
         ("train", "training", [train_config, str(override_file)]),
         ("evaluate", spec.evaluate_id, [train_config, evaluate_config, str(override_file)]),
     ):
-        command = [python, "-m", "monai.bundle", "run", run_id, "--config_file", repr(configs)]
+        command = _bundle_command(python, run_id, configs)
         record[f"{stage}_command"] = command
         start = time.perf_counter()
         _run_logged(command, plan.run_dir / f"{stage}.log", cwd=spec.bundle, timeout_s=timeout_s, env=env)
@@ -205,10 +205,15 @@ def prepare_data(
     """
     override_file = _write_overrides(plan)
     configs = [str(spec.bundle / spec.train_config), str(override_file)]
-    command = [python, "-m", "monai.bundle", "run", spec.prepare_id, "--config_file", repr(configs)]
+    command = _bundle_command(python, spec.prepare_id, configs)
     start = time.perf_counter()
     _run_logged(command, plan.run_dir / "prepare.log", cwd=spec.bundle, timeout_s=timeout_s, env=env)
     logger.info("data prepared in %.1f s (%s)", time.perf_counter() - start, plan.run_dir / "prepare.log")
+
+
+def _bundle_command(python: str, run_id: str, configs: Sequence[str]) -> list[str]:
+    # MONAI's CLI parses --config_file as a Python literal: a list of files is merged in order
+    return [python, "-m", "monai.bundle", "run", run_id, "--config_file", repr(list(configs))]
 
 
 def _write_overrides(plan: RunPlan) -> Path:

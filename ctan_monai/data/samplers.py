@@ -72,12 +72,18 @@ class RandomSubsetSampler(DistributedSampler):
         self.total_size = self.num_samples * self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
+        # one draw over all ranks from seed and epoch alone; each rank takes every num_replicas-th index of it
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
+        indices = self._draw(generator)
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
+
+    def _draw(self, generator: torch.Generator) -> list[int]:
+        """The epoch's ``total_size`` indices over all ranks: permutations, concatenated when the budget exceeds the
+        dataset."""
         size = len(self.dataset)
         permutations = [torch.randperm(size, generator=generator) for _ in range(math.ceil(self.total_size / size))]
-        indices = torch.cat(permutations)[: self.total_size].tolist()
-        return iter(indices[self.rank : self.total_size : self.num_replicas])
+        return torch.cat(permutations)[: self.total_size].tolist()
 
     def __len__(self) -> int:
         return self.num_samples
@@ -125,8 +131,6 @@ class WeightedSubsetSampler(RandomSubsetSampler):
             raise ValueError("sampling weights must be finite, non-negative and not all zero")
         super().__init__(range(self.weights.numel()), num_samples, distributed, seed, num_replicas, rank)
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        indices = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator).tolist()
-        return iter(indices[self.rank : self.total_size : self.num_replicas])
+    def _draw(self, generator: torch.Generator) -> list[int]:
+        """The epoch's ``total_size`` indices over all ranks, drawn with replacement in proportion to the weights."""
+        return torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator).tolist()
