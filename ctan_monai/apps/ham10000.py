@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,16 @@ import torch
 from ctan_monai.data.ham10000 import (
     BALANCE_METHODS,
     DEFAULT_FRACTIONS,
+    HAM10000_CLASSES,
     class_count_table,
     class_counts,
     class_weights,
     find_dataset_dir,
+    mask_transforms,
     prepare_splits,
 )
 from ctan_monai.data.samplers import RandomSubsetSampler, WeightedSubsetSampler
+from ctan_monai.engines.image_floors import ClassificationFloor, ImageFloor, MaskFloor
 from ctan_monai.losses.task_losses import ClassificationLoss
 
 __all__ = [
@@ -39,6 +43,7 @@ __all__ = [
     "diagnosis_task_losses",
     "prepare_ham10000",
     "sample_weights",
+    "training_floor",
     "training_sampler",
 ]
 
@@ -227,3 +232,51 @@ def diagnosis_task_losses(
     weights = class_weights(class_counts(datalist), method)
     logger.info("diagnosis loss class weights (%s): %s", method, [round(w, 3) for w in weights.tolist()])
     return {task: ClassificationLoss(weight=weights)}
+
+
+def training_floor(
+    datalist: Sequence[Mapping[str, Any]],
+    image_size: int | Sequence[int],
+    class_names: Sequence[str] = HAM10000_CLASSES,
+    seg_key: str = "seg",
+    dx_key: str = "dx",
+) -> ImageFloor:
+    """The trivial floors of the HAM10000 evaluation, from the training entries only: the diagnosis class counts
+    (majority class, class prior) and the mean training lesion mask at the network's input resolution, each mask
+    read, thresholded and resized exactly as for evaluation (``mask_transforms(image_size)``: nearest
+    interpolation), averaged pixel-wise and thresholded at 0.5.
+
+    Args:
+        datalist: the training entries (``@data['training']``), with ``seg`` mask paths and integer ``dx``.
+        image_size: the network's input size (``@image_size``), an int or ``(height, width)``.
+        class_names: the diagnosis classes in index order.
+        seg_key: the mask's key.
+        dx_key: the diagnosis' key.
+
+    Returns:
+        the ``ImageFloor`` for ``ImageEvaluationHandler(floor=...)``.
+
+    Raises:
+        ValueError: when the training split is empty or holds no mask / no diagnosis.
+
+    Example:
+        >>> floor = training_floor(splits["training"], 224)  # doctest: +SKIP
+        >>> floor.classification.majority_name  # doctest: +SKIP
+        'nv'
+    """
+    if not datalist:
+        raise ValueError("the training split is empty: no floor can be built from it")
+    start = time.perf_counter()
+    classification = ClassificationFloor.from_datalist(datalist, class_names, key=dx_key)
+    segmentation = MaskFloor.from_datalist(datalist, mask_transforms(image_size), key=seg_key)
+    logger.info(
+        "trivial floor from %d training images (%.1f s): majority class %s (%d), mean training mask %s with "
+        "%.1f%% foreground after thresholding at 0.5",
+        len(datalist),
+        time.perf_counter() - start,
+        classification.majority_name,
+        max(classification.counts),
+        "x".join(str(s) for s in segmentation.mean_mask.shape),
+        100.0 * segmentation.label_map.mean(),
+    )
+    return ImageFloor(classification=classification, segmentation=segmentation)

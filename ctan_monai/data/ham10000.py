@@ -93,6 +93,7 @@ __all__ = [
     "find_dataset_dir",
     "inference_transforms",
     "load_split",
+    "mask_transforms",
     "prepare_splits",
     "split_by_lesion",
     "train_transforms",
@@ -944,6 +945,35 @@ def eval_transforms(size: int | Sequence[int] = DEFAULT_SIZE) -> Compose:
         >>> t = eval_transforms(224)  # then t({"image": "x.jpg", "seg": "x_segmentation.png", "dx": 5})
     """
     return Compose([*_load_and_resize(_spatial_size(size)), *_finish()])
+
+
+def mask_transforms(size: int | Sequence[int] = DEFAULT_SIZE) -> Compose:
+    """Mask-only transforms giving the ``seg`` of :func:`eval_transforms`, without decoding the image: the mask read
+    as 8-bit grey through its palette, thresholded to 0/1 and resized to ``size`` with nearest interpolation (the
+    same steps, in the same order). Used to build the mean training mask of the segmentation floor.
+
+    Args:
+        size: output size, an int for a square or ``(height, width)``; default 224.
+
+    Returns:
+        the MONAI ``Compose`` mapping ``{"seg": path, ...}`` to the same dict with ``seg`` int64 0/1 [1, H, W].
+
+    Raises:
+        ValueError: for a malformed size.
+
+    Example:
+        >>> t = mask_transforms(224)  # then t({"seg": "ISIC_0024306_segmentation.png"})["seg"].shape == (1, 224, 224)
+    """
+    grey = PILReader(converter=functools.partial(Image.Image.convert, mode="L"), reverse_indexing=False)
+    return Compose(
+        [
+            LoadImaged("seg", reader=grey, image_only=True),
+            EnsureChannelFirstd("seg"),
+            AsDiscreted("seg", threshold=0.5),
+            Resized("seg", spatial_size=_spatial_size(size), mode="nearest", anti_aliasing=False),
+            EnsureTyped("seg", dtype=torch.int64),
+        ]
+    )
 
 
 def inference_transforms(size: int | Sequence[int] = DEFAULT_SIZE) -> Compose:

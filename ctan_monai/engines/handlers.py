@@ -16,11 +16,13 @@ from monai.handlers import CheckpointLoader
 from ctan_monai.losses import MultiTaskLoss
 
 __all__ = [
+    "KeyMetricHandler",
     "MetricsHistoryHandler",
     "ProgressBarHandler",
     "ResumeFromLatestCheckpoint",
     "TaskWeightingHandler",
     "TerminateOnNaNHandler",
+    "ValidateHandler",
     "latest_checkpoint",
 ]
 
@@ -224,3 +226,79 @@ class MetricsHistoryHandler:
         # The ValidationHandler runs the evaluator in this same EPOCH_COMPLETED event before us; MONAI's evaluator
         # sets its epoch to the trainer's epoch it ran for.
         return int(self.evaluator.state.epoch) == int(engine.state.epoch)
+
+
+class KeyMetricHandler:
+    """Combine evaluation metrics into one key metric, ``sum_k weight_k * metrics[k]``, for best-model selection
+    (MONAI's ``CheckpointSaver(save_key_metric=True)``, the model zoo's ``key_metric``).
+
+    Attach it to the evaluator after the handlers that set the metrics and before the saver that reads it. A metric
+    missing or not finite in a run leaves the key metric unset for that run (no model is selected on it).
+
+    Args:
+        weights: metric name -> weight; a negative weight for a lower-is-better metric, e.g.
+            ``{"val_mean_dice": 0.01, "val_dose_mae": -0.0142857}`` (Dice in %, dose score as a fraction of 70 Gy).
+        name: the key metric's name in ``engine.state.metrics``.
+
+    Raises:
+        ValueError: when ``weights`` is empty.
+
+    Example:
+        >>> handler = KeyMetricHandler({"val_mean_dice": 0.01, "val_dose_mae": -1 / 70})
+    """
+
+    def __init__(self, weights: Mapping[str, float], name: str = "val_key_metric") -> None:
+        if not weights:
+            raise ValueError("KeyMetricHandler needs at least one metric weight")
+        self.weights = {str(k): float(v) for k, v in weights.items()}
+        self.name = name
+        self.logger = logging.getLogger("ctan_monai.key_metric")
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``EPOCH_COMPLETED`` of the evaluator (after the metric handlers attached before it)."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        import math
+
+        metrics = engine.state.metrics
+        values = {k: metrics.get(k) for k in self.weights}
+        bad = [k for k, v in values.items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
+        if bad:
+            metrics.pop(self.name, None)
+            self.logger.warning("key metric %s not computed: %s missing or not finite", self.name, bad)
+            return
+        metrics[self.name] = sum(self.weights[k] * float(v) for k, v in values.items())
+
+
+class ValidateHandler:
+    """MONAI's ``ValidationHandler`` on the epochs that are multiples of ``interval`` *and* on the last epoch, so
+    that every run ends validated (its best-model selection and report cover the final weights).
+
+    Args:
+        validator: the evaluator.
+        interval: validate every ``interval`` epochs.
+
+    Raises:
+        ValueError: when ``interval`` is below 1.
+
+    Example:
+        >>> handler = ValidateHandler(validator=None, interval=2)  # doctest: +SKIP
+    """
+
+    def __init__(self, validator: Engine, interval: int = 1) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"val_interval must be >= 1 (validate every N epochs), got {interval}")
+        self.validator = validator
+        self.interval = int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        """Register on the trainer's ``EPOCH_COMPLETED`` for the epochs to validate."""
+
+        def due(trainer: Engine, epoch: int) -> bool:
+            return epoch % self.interval == 0 or epoch == trainer.state.max_epochs
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=due), self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.validator.run(engine.state.epoch)

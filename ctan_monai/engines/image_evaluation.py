@@ -1,7 +1,9 @@
 """Evaluation of 2D images with a pixel-level segmentation task and an image-level classification task (e.g.
 HAM10000 lesion segmentation + diagnosis): per-image Dice, accuracy, balanced accuracy, per-class recall and the
 confusion matrix in ``engine.state.metrics``, a JSON + CSV report and figures (confusion matrix, image / reference /
-prediction overlays), all written atomically. Task and class names are arguments, so other 2D bundles can reuse it."""
+prediction overlays), all written atomically. Task and class names are arguments, so other 2D bundles can reuse it.
+With a ``floor`` (``ctan_monai.engines.image_floors``: the trivial predictors built from the training split), the
+floor's metrics are reported beside the model's and a model that does not beat it is logged loudly."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from ignite.engine import Engine
 
 from ctan_monai.engines.base import RunCollectorHandler, figures_never_fail, write_csv, write_report
+from ctan_monai.engines.image_floors import ClassificationFloor, ImageFloor, MaskFloor, compare_with_floor
 from ctan_monai.metrics.classification import binary_report, multiclass_report
 from ctan_monai.metrics.segmentation import aggregate_dice, dice_report
 from ctan_monai.utils.atomic import atomic_path
@@ -36,6 +39,17 @@ class ImageEvaluationHandler(RunCollectorHandler):
     ``images.csv`` (one row per image) and ``figures/confusion_matrix.png`` and ``figures/overlays.png`` are written
     there. Images whose ``<task>_present`` flag is 0 are left out of that task's figures.
 
+    With ``floor`` (built from the *training* split only, see ``ctan_monai.engines.image_floors``), the same images
+    are scored for the trivial predictors: the mean training mask with the same Dice (``floor_mean_dice`` per image
+    in the report and CSV), the majority training class with the same accuracy and balanced accuracy, and the
+    expected values of a guess drawn from the training prior. ``engine.state.metrics`` gets
+    ``{prefix}_floor_mean_dice``, ``{prefix}_floor_dice_<structure>``, ``{prefix}_floor_accuracy``,
+    ``{prefix}_floor_balanced_accuracy`` (majority class), ``{prefix}_floor_prior_accuracy`` and
+    ``{prefix}_floor_prior_balanced_accuracy``; the summary gets a ``floor`` block (definitions, training counts,
+    metrics, and ``key_metrics``: the value each key metric is compared with, the best trivial predictor's) and
+    ``beats_floor`` (``mean_dice``, ``balanced_accuracy``: True, False or None when undefined). A WARNING is logged
+    for each key metric the model does not beat, naming the metric, the model's value and the floor's.
+
     Args:
         seg_task: the segmentation task's name, or None when there is none.
         structure_names: names of the segmentation classes 1..C-1 (e.g. ``["lesion"]``).
@@ -49,9 +63,12 @@ class ImageEvaluationHandler(RunCollectorHandler):
         image_mean: per-channel mean the images were normalised with, to show them in their colours; None scales each
             image to [0, 1] for display.
         image_std: per-channel standard deviation of that normalisation.
+        floor: the trivial floor from the training split: an ``ImageFloor``, or a ``ClassificationFloor`` or
+            ``MaskFloor`` alone; None for no floor.
 
     Raises:
-        ValueError: when neither task is given, or ``class_names`` is missing for a classification task.
+        ValueError: when neither task is given, ``class_names`` is missing for a classification task, or the floor
+            names other classes than ``class_names`` or is given for a task the handler does not evaluate.
 
     Example:
         >>> handler = ImageEvaluationHandler("seg", ["lesion"], "dx", ["nv", "mel"], output_dir=None)
@@ -69,6 +86,7 @@ class ImageEvaluationHandler(RunCollectorHandler):
         id_key: str = "image_id",
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
+        floor: ImageFloor | ClassificationFloor | MaskFloor | None = None,
     ) -> None:
         if seg_task is None and cls_task is None:
             raise ValueError("ImageEvaluationHandler needs a seg_task, a cls_task or both")
@@ -84,9 +102,33 @@ class ImageEvaluationHandler(RunCollectorHandler):
         self.id_key = id_key
         self.image_mean = None if image_mean is None else np.asarray(image_mean, dtype=np.float32)
         self.image_std = None if image_std is None else np.asarray(image_std, dtype=np.float32)
+        self.floor = self._check_floor(floor)
         self.logger = logging.getLogger("ctan_monai.evaluation")
         self.summary: dict[str, Any] = {}
         self.reset()
+
+    def _check_floor(self, floor: ImageFloor | ClassificationFloor | MaskFloor | None) -> ImageFloor | None:
+        """The floor as an ``ImageFloor``, checked against the handler's tasks and classes."""
+        if floor is None or isinstance(floor, ImageFloor):
+            pass
+        elif isinstance(floor, ClassificationFloor):
+            floor = ImageFloor(classification=floor)
+        elif isinstance(floor, MaskFloor):
+            floor = ImageFloor(segmentation=floor)
+        else:
+            raise TypeError(f"floor must be an ImageFloor, ClassificationFloor or MaskFloor, got {type(floor)}")
+        if floor is None:
+            return None
+        if floor.classification is not None:
+            if self.cls_task is None:
+                raise ValueError("a classification floor was given but the handler has no cls_task")
+            if list(floor.classification.class_names) != self.class_names:
+                raise ValueError(
+                    f"the floor's classes {list(floor.classification.class_names)} differ from {self.class_names}"
+                )
+        if floor.segmentation is not None and self.seg_task is None:
+            raise ValueError("a segmentation floor was given but the handler has no seg_task")
+        return floor
 
     def reset(self, engine: Engine | None = None) -> None:
         """Forget the images of a previous run."""
@@ -122,6 +164,10 @@ class ImageEvaluationHandler(RunCollectorHandler):
             if seg is not None and seg["present"][i]:
                 report = dice_report(seg["pred"][i], seg["ref"][i], self.structure_names)
                 row["dice"], row["mean_dice"] = report["dice"], report["mean_dice"]
+                if self.floor is not None and self.floor.segmentation is not None:
+                    trivial = self.floor.segmentation.label_map_for(seg["ref"][i].shape)
+                    report = dice_report(trivial, seg["ref"][i], self.structure_names)
+                    row["floor_dice"], row["floor_mean_dice"] = report["dice"], report["mean_dice"]
             if cls is not None:
                 probs = cls["probs"][i]
                 row["probabilities"] = dict(zip(self.class_names, (float(p) for p in probs)))
@@ -244,6 +290,8 @@ class ImageEvaluationHandler(RunCollectorHandler):
                 metrics[f"{self.prefix}_recall_{name}"] = value
             if "auc" in classification:
                 metrics[f"{self.prefix}_auc"] = classification["auc"]
+        if self.floor is not None:
+            self._floor_summary(summary, metrics, scored)
         self.summary = summary
         flat = {
             "num_images": summary["num_images"],
@@ -255,6 +303,41 @@ class ImageEvaluationHandler(RunCollectorHandler):
         if self.output_dir is not None:
             self._write_report(engine, summary)
             self._write_figures(summary)
+
+    def _floor_summary(self, summary: dict[str, Any], metrics: dict[str, Any], scored: list[dict[str, Any]]) -> None:
+        """Score the floor on the run's images; add ``floor`` and ``beats_floor`` to ``summary`` and the floor's
+        metrics to ``metrics``; warn for each key metric the model does not beat."""
+        assert self.floor is not None
+        block: dict[str, Any] = {"source": "training split only", "key_metrics": {}}
+        model: dict[str, float] = {}
+        if self.floor.segmentation is not None and "segmentation" in summary:
+            dice = aggregate_dice([{"dice": r["floor_dice"], "mean_dice": r["floor_mean_dice"]} for r in scored])
+            block["segmentation"] = {
+                **self.floor.segmentation.describe(),
+                "mean_dice": dice["mean_dice"],
+                "dice": dice["dice"],
+            }
+            metrics[f"{self.prefix}_floor_mean_dice"] = dice["mean_dice"]
+            for name, value in dice["dice"].items():
+                metrics[f"{self.prefix}_floor_dice_{name}"] = value
+            block["key_metrics"]["mean_dice"] = dice["mean_dice"]
+            model["mean_dice"] = summary["segmentation"]["mean_dice"]
+        if self.floor.classification is not None and "classification" in summary:
+            values = self.floor.classification.metrics(np.asarray(self._targets), np.asarray(self._present))
+            block["classification"] = {**self.floor.classification.describe(), **values}
+            for name, value in values.items():
+                metrics[f"{self.prefix}_floor_{name}"] = value
+            best = [v for v in (values["balanced_accuracy"], values["prior_balanced_accuracy"]) if not math.isnan(v)]
+            block["key_metrics"]["balanced_accuracy"] = max(best) if best else math.nan
+            model["balanced_accuracy"] = summary["classification"]["balanced_accuracy"]
+        summary["floor"] = block
+        summary["beats_floor"] = compare_with_floor(model, block["key_metrics"], self.logger, self.prefix)
+        self.logger.info(
+            "%s: trivial floor (training split) %s, beats floor %s",
+            self.prefix,
+            {k: round(v, 2) for k, v in block["key_metrics"].items()},
+            summary["beats_floor"],
+        )
 
     def _classification_summary(self) -> dict[str, Any]:
         scores = np.stack(self._scores)
@@ -278,6 +361,9 @@ class ImageEvaluationHandler(RunCollectorHandler):
         columns = ["image_id"]
         if self.seg_task is not None:
             columns += ["mean_dice", *[f"dice_{n}" for n in self.structure_names]]
+        floor_dice = self.seg_task is not None and self.floor is not None and self.floor.segmentation is not None
+        if floor_dice:
+            columns.append("floor_mean_dice")
         if self.cls_task is not None:
             columns += ["true_class", "predicted_class", *[f"prob_{n}" for n in self.class_names]]
         rows = []
@@ -286,6 +372,8 @@ class ImageEvaluationHandler(RunCollectorHandler):
             values: list[Any] = [row["image_id"]]
             if self.seg_task is not None:
                 values += [row.get("mean_dice"), *[dice.get(n) for n in self.structure_names]]
+            if floor_dice:
+                values.append(row.get("floor_mean_dice"))
             if self.cls_task is not None:
                 values += [row.get("true_class"), row.get("predicted_class"), *[probs.get(n) for n in self.class_names]]
             rows.append(values)

@@ -1,7 +1,8 @@
 """Patient-level evaluation of binary image-level tasks: the probabilities of a patient's samples (2.5D slices, or one
 3D volume) are averaged per patient; AUC (%) and accuracy at a threshold are computed on the patients that carry
 the task's label only; a JSON + CSV report, the per-patient predictions and ROC curve figures are written
-atomically."""
+atomically. With a ``floor`` (the training prevalence as a constant score, ``ctan_monai.engines.image_floors``), the
+floor's metrics are reported beside the model's and a model that does not beat it is logged loudly."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from ignite.engine import Engine
 
 from ctan_monai.engines.base import RunCollectorHandler, figures_never_fail, write_csv, write_report
+from ctan_monai.engines.image_floors import CONSTANT_SCORE_AUC, PrevalenceFloor, compare_with_floor
 from ctan_monai.metrics.classification import accuracy, binary_report, confusion_matrix, roc_curve_points
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json
 
@@ -174,6 +176,14 @@ class PatientClassificationHandler(RunCollectorHandler):
     carry that task's label (a missing label is left out, never counted as negative, ``task_metrics``) and set in
     ``engine.state.metrics`` as ``{prefix}_auc_<task>``, ``{prefix}_accuracy_<task>`` and ``{prefix}_mean_auc``.
 
+    With ``floor`` (a ``PrevalenceFloor`` counted on the labelled *training* patients only), each labelled task is
+    also scored for the training prevalence as a constant score: AUC 50 by construction (a constant score has AUC
+    0.5) and the accuracy of always answering the majority training label, on the same labelled patients.
+    ``engine.state.metrics`` gets ``{prefix}_floor_auc_<task>``, ``{prefix}_floor_accuracy_<task>`` and
+    ``{prefix}_floor_mean_auc``; the summary gets a ``floor`` block (definition, note, training counts and
+    prevalence, floor metrics per task) and ``beats_floor`` (``auc_<task>``: True, False or None when undefined);
+    a WARNING is logged for each task whose AUC does not beat the floor's, naming metric, model and floor values.
+
     When ``output_dir`` is set, these files are written there, each atomically: ``predictions.json`` (per patient,
     ``prediction_names`` of each task, e.g. ``{"1": {"probCOVID": 0.71, "probSevere": 0.12}}``) and
     ``predictions.csv`` (the same, in the layout of STOIC's reference.csv); with labels, ``report.json`` (summary and
@@ -189,10 +199,12 @@ class PatientClassificationHandler(RunCollectorHandler):
         prediction_names: output name of each task in the prediction files (the task name when not given).
         per_case_files: also write one JSON per patient.
         figures: write the ROC curves.
+        floor: the training prevalence per task (``PrevalenceFloor.from_datalist(training entries, task_names)``);
+            None for no floor.
 
     Raises:
-        ValueError: (at run time) when a task's output is not one logit per sample, or the batch's patient ids do
-            not match the number of samples.
+        ValueError: when ``floor`` lacks one of ``task_names``; (at run time) when a task's output is not one
+            logit per sample, or the batch's patient ids do not match the number of samples.
 
     Example:
         >>> handler = PatientClassificationHandler(["covid", "severe"], output_dir=None)
@@ -208,6 +220,7 @@ class PatientClassificationHandler(RunCollectorHandler):
         prediction_names: Mapping[str, str] | None = None,
         per_case_files: bool = False,
         figures: bool = True,
+        floor: PrevalenceFloor | None = None,
     ) -> None:
         if not task_names:
             raise ValueError("task_names must name at least one task")
@@ -221,6 +234,9 @@ class PatientClassificationHandler(RunCollectorHandler):
         self.prediction_names = {t: str((prediction_names or {}).get(t, t)) for t in self.task_names}
         self.per_case_files = per_case_files
         self.figures = figures
+        if floor is not None and not set(self.task_names) <= set(floor.task_names):
+            raise ValueError(f"the floor knows tasks {floor.task_names}, the handler evaluates {self.task_names}")
+        self.floor = floor
         self.logger = logging.getLogger("ctan_monai.evaluation")
         self.table: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
@@ -287,9 +303,39 @@ class PatientClassificationHandler(RunCollectorHandler):
                 self.prefix,
                 {t: _rounded(m) for t, m in summary["tasks"].items()} | {"patients": len(self.table)},
             )
+            if self.floor is not None:
+                self._floor_summary(engine, summary)
         self.summary = summary
         if self.output_dir is not None:
             self._write(engine, summary, labelled_tasks)
+
+    def _floor_summary(self, engine: Engine, summary: dict[str, Any]) -> None:
+        """Score the training-prevalence floor on the labelled patients of each task; add ``floor`` and
+        ``beats_floor`` to ``summary`` and the floor's metrics to ``engine.state.metrics``; warn for each AUC the model
+        does not beat."""
+        assert self.floor is not None
+        block = {"source": "training split only", **self.floor.describe()}
+        model, trivial = {}, {}
+        for task in summary["tasks"]:
+            given = [row.get(f"{task}_label") for row in self.table]
+            labels = [0.0 if label is None else float(label) for label in given]
+            present = [0.0 if label is None else 1.0 for label in given]
+            values = self.floor.metrics(labels, present, task)
+            block["tasks"][task].update(values, num_evaluated_labelled=int(sum(present)))
+            engine.state.metrics[f"{self.prefix}_floor_auc_{task}"] = values["auc"]
+            engine.state.metrics[f"{self.prefix}_floor_accuracy_{task}"] = values["accuracy"]
+            model[f"auc_{task}"], trivial[f"auc_{task}"] = summary["tasks"][task]["auc"], values["auc"]
+        block["tasks"] = {t: block["tasks"][t] for t in summary["tasks"]}
+        block["mean_auc"] = CONSTANT_SCORE_AUC
+        engine.state.metrics[f"{self.prefix}_floor_mean_auc"] = CONSTANT_SCORE_AUC
+        summary["floor"] = block
+        summary["beats_floor"] = compare_with_floor(model, trivial, self.logger, self.prefix)
+        self.logger.info(
+            "%s: trivial floor (training prevalence) %s, beats floor %s",
+            self.prefix,
+            {t: _rounded(m) for t, m in block["tasks"].items()},
+            summary["beats_floor"],
+        )
 
     def predictions(self) -> dict[str, dict[str, float]]:
         """The last run's per-patient probabilities under their output names.

@@ -48,11 +48,20 @@ class PixelDecoder(nn.Module):
         bottleneck_channels: channels of the bottleneck feature (stage 4, after any attention).
         out_channels: output channels (classes for segmentation, 1 for dose).
         decoder_channels: widths of the three up-sampling blocks.
+        output_scale: the head predicts ``output / output_scale``; the decoder multiplies it back (see
+            ``TaskSpec.output_scale``).
+        output_bias: initial output value, through the head's bias (see ``TaskSpec.output_bias``).
+        fine_channels: widths of up to two more up-sampling blocks past the paper's three (ours, off by default):
+            the first to the stem's resolution with the stem feature as skip (``stem_channels``), the second to the
+            input resolution with the input image as skip (``image_channels``). Small structures (a 2-pixel spinal
+            cord) cannot be drawn by a head at 1/4 of the input resolution.
+        stem_channels: channels of the stem feature (for ``fine_channels``).
+        image_channels: channels of the input image (for a second fine block).
 
     Example:
         >>> dec = PixelDecoder(2, (64, 128, 256), 512, out_channels=5)
         >>> skips = [torch.zeros(1, 64, 16, 16), torch.zeros(1, 128, 8, 8), torch.zeros(1, 256, 4, 4)]
-        >>> dec(skips, torch.zeros(1, 512, 2, 2), [64, 64]).shape
+        >>> dec(skips, torch.zeros(1, 512, 2, 2), [64, 64], []).shape
         torch.Size([1, 5, 64, 64])
     """
 
@@ -63,24 +72,49 @@ class PixelDecoder(nn.Module):
         bottleneck_channels: int,
         out_channels: int,
         decoder_channels: Sequence[int] = (256, 128, 64),
+        output_scale: float = 1.0,
+        output_bias: float = 0.0,
+        fine_channels: Sequence[int] = (),
+        stem_channels: int = 64,
+        image_channels: int = 1,
     ) -> None:
         super().__init__()
         if len(skip_channels) != 3 or len(decoder_channels) != 3:
             raise ValueError("PixelDecoder needs three skip widths and three decoder widths")
+        if len(fine_channels) > 2:
+            raise ValueError(f"fine_channels takes at most two widths (stem, then input), got {fine_channels}")
+        if not output_scale > 0:
+            raise ValueError(f"output_scale must be > 0, got {output_scale}")
         self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
         widths = [bottleneck_channels, *decoder_channels]
         self.up = nn.ModuleList(
             [_UpBlock(spatial_dims, widths[i], skip_channels[2 - i], widths[i + 1]) for i in range(3)]
         )
-        self.head = Conv[Conv.CONV, spatial_dims](decoder_channels[-1], out_channels, kernel_size=1)
+        fine_in = [decoder_channels[-1], *fine_channels[:1]]
+        fine_skips = [stem_channels, image_channels]
+        self.fine = nn.ModuleList(
+            [_UpBlock(spatial_dims, fine_in[i], fine_skips[i], int(c)) for i, c in enumerate(fine_channels)]
+        )
+        last = int(fine_channels[-1]) if len(fine_channels) else decoder_channels[-1]
+        self.head = Conv[Conv.CONV, spatial_dims](last, out_channels, kernel_size=1)
+        self.output_scale = float(output_scale)
+        if output_bias or self.output_scale != 1.0:
+            # a scaled regression head starts as the constant output_bias: its random weights, multiplied by the
+            # scale, would otherwise start it at tens of Gy of noise
+            with torch.no_grad():
+                self.head.weight.zero_()
+                self.head.bias.fill_(float(output_bias) / self.output_scale)
 
-    def forward(self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int]) -> torch.Tensor:
+    def forward(
+        self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int], fine: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Decode.
 
         Args:
             skips: features of encoder stages 1, 2, 3 (finest first).
             bottleneck: the stage-4 feature.
             out_size: spatial size of the output (the input image's).
+            fine: the stem feature and the input image (used by the ``fine_channels`` blocks only).
 
         Returns:
             [B, out_channels, *out_size].
@@ -88,7 +122,11 @@ class PixelDecoder(nn.Module):
         x = bottleneck
         for i, block in enumerate(self.up):
             x = block(x, skips[2 - i])
+        for i, block in enumerate(self.fine):
+            x = block(x, fine[i])
         x = self.head(x)
+        if self.output_scale != 1.0:
+            x = x * self.output_scale
         return F.interpolate(x, size=out_size, mode=self.mode, align_corners=False)
 
 
@@ -109,7 +147,7 @@ class ImageDecoder(nn.Module):
     Example:
         >>> dec = ImageDecoder(2, (64, 128, 256), 512, out_channels=7)
         >>> skips = [torch.zeros(2, 64, 16, 16), torch.zeros(2, 128, 8, 8), torch.zeros(2, 256, 4, 4)]
-        >>> dec(skips, torch.zeros(2, 512, 2, 2), [64, 64]).shape
+        >>> dec(skips, torch.zeros(2, 512, 2, 2), [64, 64], []).shape
         torch.Size([2, 7])
     """
 
@@ -135,13 +173,16 @@ class ImageDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(decoder_channels[-1], out_channels)
 
-    def forward(self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int]) -> torch.Tensor:
+    def forward(
+        self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int], fine: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Decode.
 
         Args:
             skips: features of encoder stages 1, 2, 3 (finest first).
             bottleneck: the stage-4 feature.
             out_size: unused (the pixel decoder's signature, so all decoders are called alike).
+            fine: unused (likewise).
 
         Returns:
             logits [B, out_channels].

@@ -88,7 +88,20 @@ class ResNetEncoder(nn.Module):
         Returns:
             ``(us, ps)``: per stage, U^j (the input of the stage's last block) and P^j (the stage's output).
         """
-        x = self.maxpool(self.act(self.bn1(self.conv1(x))))
+        _, us, ps = self.features(x)
+        return us, ps
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Run the shared encoder and also return the stem's output (before the max pool), for fine decoders.
+
+        Args:
+            x: images [B, in_channels, *spatial].
+
+        Returns:
+            ``(stem, us, ps)``: the stem feature (64 channels, 1/``stem_stride`` of the input), then as ``forward``.
+        """
+        stem = self.act(self.bn1(self.conv1(x)))
+        x = self.maxpool(stem)
         us: list[torch.Tensor] = []
         ps: list[torch.Tensor] = []
         for layer in self.layers:
@@ -98,7 +111,7 @@ class ResNetEncoder(nn.Module):
                 x = block(x)
             us.append(u)
             ps.append(x)
-        return us, ps
+        return stem, us, ps
 
 
 @dataclass

@@ -28,9 +28,23 @@ def _make_decoder(
     pixel_decoder_channels: Sequence[int],
     image_decoder_channels: Sequence[int],
     dropout: float,
+    fine_decoder_channels: Sequence[int] = (),
+    in_channels: int = 1,
 ) -> nn.Module:
     if task.level == "pixel":
-        return PixelDecoder(spatial_dims, skip_channels, bottleneck_channels, task.out_channels, pixel_decoder_channels)
+        return PixelDecoder(
+            spatial_dims,
+            skip_channels,
+            bottleneck_channels,
+            task.out_channels,
+            pixel_decoder_channels,
+            output_scale=task.output_scale,
+            output_bias=task.output_bias,
+            fine_channels=fine_decoder_channels,
+            image_channels=in_channels,
+        )
+    if task.output_scale != 1.0 or task.output_bias != 0.0:
+        raise ValueError(f"task {task.name!r}: output_scale / output_bias are supported for pixel-level tasks only")
     return ImageDecoder(
         spatial_dims, skip_channels, bottleneck_channels, task.out_channels, image_decoder_channels, dropout
     )
@@ -50,6 +64,9 @@ class MultiTaskNet(nn.Module):
         image_decoder_channels: widths of the image decoders' down-sampling layers.
         dropout: dropout before the image decoders' fully connected layer.
         stem_stride: stride of the encoder's first convolution.
+        fine_decoder_channels: widths of up to two up-sampling blocks that the pixel decoders add past the paper's
+            three (to the stem's resolution with the stem feature as skip, then to the input's with the image as
+            skip); empty (default) is the paper's decoder, whose head works at 1/4 of the input resolution.
     """
 
     def __init__(
@@ -64,6 +81,7 @@ class MultiTaskNet(nn.Module):
         image_decoder_channels: Sequence[int] = (128, 256, 512, 512),
         dropout: float = 0.0,
         stem_stride: int = 2,
+        fine_decoder_channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.task_specs = parse_tasks(tasks)
@@ -85,6 +103,8 @@ class MultiTaskNet(nn.Module):
                     pixel_decoder_channels,
                     image_decoder_channels,
                     dropout,
+                    tuple(int(c) for c in fine_decoder_channels),
+                    in_channels,
                 )
                 for t in self.task_specs
             }
@@ -127,12 +147,13 @@ class HPS(MultiTaskNet):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{task_name: output}``."""
         self._check_input(x)
-        _, ps = self.encoder(x)
+        stem, _, ps = self.encoder.features(x)
         skips = ps[:3]
         size = list(x.shape[2:])
+        fine = [stem, x]
         outputs: dict[str, torch.Tensor] = {}
         for name, decoder in self.decoders.items():
-            outputs[name] = decoder(skips, ps[3], size)
+            outputs[name] = decoder(skips, ps[3], size, fine)
         return outputs
 
 
@@ -160,23 +181,30 @@ class _TaskAttentionNet(MultiTaskNet):
             ]
         )
 
-    def _task_features(self, x: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-        """Per task, the attended features of stages 1-3 (skips), and per task the stage-4 feature."""
-        us, ps = self.encoder(x)
+    def _task_features(
+        self, x: torch.Tensor
+    ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+        """Per task, the attended features of stages 1-3 (skips), per task the stage-4 feature, and the shared
+        fine-decoder inputs (stem feature, image)."""
+        stem, us, ps = self.encoder.features(x)
         per_stage: list[list[torch.Tensor]] = []
         previous: list[torch.Tensor] = []
         for j, stage in enumerate(self.stages):
             features, previous = stage(us[j], ps[j], previous)
             per_stage.append(features)
         skips = [[per_stage[0][t], per_stage[1][t], per_stage[2][t]] for t in range(len(self.task_names))]
-        return skips, per_stage[3]
+        return skips, per_stage[3], [stem, x]
 
     def _decode(
-        self, skips: list[list[torch.Tensor]], bottlenecks: list[torch.Tensor], size: list[int]
+        self,
+        skips: list[list[torch.Tensor]],
+        bottlenecks: list[torch.Tensor],
+        size: list[int],
+        fine: list[torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         outputs: dict[str, torch.Tensor] = {}
         for t, (name, decoder) in enumerate(self.decoders.items()):
-            outputs[name] = decoder(skips[t], bottlenecks[t], size)
+            outputs[name] = decoder(skips[t], bottlenecks[t], size, fine)
         return outputs
 
 
@@ -202,8 +230,8 @@ class MTAN(_TaskAttentionNet):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{task_name: output}``."""
         self._check_input(x)
-        skips, bottlenecks = self._task_features(x)
-        return self._decode(skips, bottlenecks, list(x.shape[2:]))
+        skips, bottlenecks, fine = self._task_features(x)
+        return self._decode(skips, bottlenecks, list(x.shape[2:]), fine)
 
 
 class CTAN(_TaskAttentionNet):
@@ -258,8 +286,8 @@ class CTAN(_TaskAttentionNet):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{task_name: output}``."""
         self._check_input(x)
-        skips, bottlenecks = self._task_features(x)
-        return self._decode(skips, self.ctab(bottlenecks), list(x.shape[2:]))
+        skips, bottlenecks, fine = self._task_features(x)
+        return self._decode(skips, self.ctab(bottlenecks), list(x.shape[2:]), fine)
 
 
 class STL(nn.Module):
@@ -340,7 +368,14 @@ def build_network(
     kwargs = {**dict(options or {}), **kwargs}
     ctan_only = {"ctab_channels", "ctab_normalization", "ctab_residual"}
     attention_only = {"reduction"}
-    allowed = {"bottleneck_channels", "pixel_decoder_channels", "image_decoder_channels", "dropout", "stem_stride"}
+    allowed = {
+        "bottleneck_channels",
+        "pixel_decoder_channels",
+        "image_decoder_channels",
+        "dropout",
+        "stem_stride",
+        "fine_decoder_channels",
+    }
     if key == "ctan":
         allowed |= ctan_only | attention_only
         allowed -= {"bottleneck_channels"}
