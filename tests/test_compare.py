@@ -76,7 +76,9 @@ def test_summary_needs_the_stl_baseline_and_keeps_undefined_metrics_visible():
     rows = summarise([_record("stl", 0, 70.0, 2.0), _record("ctan", 0, 77.0, 1.8)], spec)
     assert math.isnan(rows[0]["tasks"]["seg"]["std"]) and not rows[0]["tasks"]["seg"]["beyond_noise"]
     table = format_markdown(rows, spec)
-    assert "| CTAN | 1 | 77.00 | +10.00 | 1.80 | +10.00 | +10.00 | 1 |" in table and "±" not in table.split("\n", 2)[2]
+    # a record without the extra metric (whole-volume MAE) shows n/a there; Delta stays over the two task metrics
+    assert "| CTAN | 1 | 77.00 | +10.00 | 1.80 | +10.00 | n/a | +10.00 | 1 |" in table
+    assert "±" not in table.split("\n", 2)[2]
 
 
 def test_overrides_and_spec_errors(tmp_path):
@@ -175,7 +177,8 @@ def test_prepare_data_converts_once_before_parallel_runs(bundle_copy: Path, tmp_
 
 
 def _compare(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    # two threads unless the caller's environment asks for fewer (a shared machine)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     return subprocess.Popen(
         [sys.executable, "-m", "ctan_monai.compare", *args],
         cwd=cwd,
@@ -222,10 +225,20 @@ def test_tiny_comparison_is_killed_and_resumes(bundle_copy: Path, tmp_path: Path
         assert record["status"] == "finished" and record["environment"]["torch"]
         assert 0.0 <= record["metrics"]["seg"] <= 100.0 and record["metrics"]["dose"] >= 0.0
         assert record["timings"]["train_s"] > 0
+    for record in runs:  # the extra metric and every floor come from the run's report
+        assert record["extra_metrics"]["whole_volume_mae"] >= 0.0
+        assert set(record["floor"]) == {"seg", "dose", "whole_volume_mae"}
+        assert all(v is not None for v in record["floor"].values())
+    for key, value in runs[0]["floor"].items():  # one split, one floor
+        assert math.isclose(value, runs[1]["floor"][key], rel_tol=1e-6)
     table = (out_dir / "table.md").read_text().splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("| Method"))
     assert {table[header + 2].split(" | ")[0], table[header + 3].split(" | ")[0]} == {"| STL", "| HPS"}
-    assert (out_dir / "table.csv").read_text().count("\n") == 3
+    assert "whole-volume MAE (Gy) ↓" in table[header]
+    assert table[header + 4].startswith("| floor (training split: mean training dose × possible-dose mask")
+    assert "floor (training split:" in "\n".join(table[header + 5 :])  # its legend
+    csv_rows = (out_dir / "table.csv").read_text().splitlines()
+    assert len(csv_rows) == 4 and csv_rows[-1].startswith("floor,")
     assert (out_dir / "metrics.png").stat().st_size > 0 and (out_dir / "learning_curves.png").stat().st_size > 0
 
     # the same output folder with other settings is refused instead of mixing unlike runs

@@ -8,15 +8,25 @@ from ctan_monai.compare.runner import (
     job_environments,
     load_finished_run,
     prepare_data,
+    report_values,
     run_plans,
 )
-from ctan_monai.compare.spec import ComparisonSpec, TaskMetric, load_comparison_spec, read_metric
-from ctan_monai.compare.table import format_markdown, summarise, to_csv
+from ctan_monai.compare.spec import ComparisonSpec, TaskMetric, load_comparison_spec, read_floor, read_metric
+from ctan_monai.compare.table import (
+    below_floor,
+    below_floor_messages,
+    format_markdown,
+    summarise,
+    summarise_floor,
+    to_csv,
+)
 
 __all__ = [
     "ComparisonSpec",
     "RunPlan",
     "TaskMetric",
+    "below_floor",
+    "below_floor_messages",
     "environment_record",
     "execute_run",
     "format_markdown",
@@ -24,8 +34,11 @@ __all__ = [
     "load_comparison_spec",
     "load_finished_run",
     "prepare_data",
+    "read_floor",
     "read_metric",
+    "report_values",
     "run_plans",
     "summarise",
+    "summarise_floor",
     "to_csv",
 ]

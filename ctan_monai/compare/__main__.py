@@ -8,8 +8,10 @@ Example (the OpenKBP demo, two seeds, two epochs each)::
 Every (architecture, seed) run trains with the bundle's ``train.yaml`` and evaluates with its ``evaluate.yaml`` (the
 same data, split, epochs, hyper-parameters; only ``arch`` and ``seed`` differ), in its own folder under
 ``<output_dir>/runs``. Rerunning the same command skips finished runs and resumes an interrupted one from its last
-checkpoint. Outputs: ``table.md`` and ``table.csv`` (M and Delta vs STL per task, Delta_mean, rank; mean +- std over
-seeds), ``runs.json`` (every run's metrics, timings, versions, settings), ``learning_curves.png``, ``metrics.png``.
+checkpoint. Outputs: ``table.md`` and ``table.csv`` (M and Delta vs STL per task, the bundle's extra metrics,
+Delta_mean, rank; mean +- std over seeds; a floor row: the trivial predictors from the training split that every
+report carries, with a marker and a warning where a method does not beat it), ``runs.json`` (every run's metrics,
+timings, versions, settings), ``learning_curves.png``, ``metrics.png`` (both with the floor as a dashed line).
 ``--jobs N`` runs N at a time (equal shares of the CPU threads; ``--gpus 0 1 ...`` gives each its own GPU), after
 preparing the bundle's data once.
 """
@@ -38,7 +40,14 @@ from ctan_monai.compare.runner import (
     run_plans,
 )
 from ctan_monai.compare.spec import ComparisonSpec, load_comparison_spec
-from ctan_monai.compare.table import format_markdown, summarise, to_csv
+from ctan_monai.compare.table import (
+    BELOW_FLOOR,
+    below_floor_messages,
+    format_markdown,
+    summarise,
+    summarise_floor,
+    to_csv,
+)
 from ctan_monai.networks import ARCHITECTURES
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
 from ctan_monai.utils.json_safe import json_safe
@@ -91,9 +100,31 @@ def plan_runs(
 def write_outputs(
     spec: ComparisonSpec, records: list[dict[str, Any]], plans: Sequence[RunPlan], output_dir: Path, settings: dict
 ) -> str:
-    """Table (Markdown + CSV), run records and figures; returns the Markdown."""
-    rows = summarise(records, spec)
-    table = format_markdown(rows, spec)
+    """Write the table (Markdown + CSV, with the floor row), the run records and the figures; log a WARNING for each
+    method mean that does not beat the floor and for floors that differ between runs.
+
+    Args:
+        spec: the bundle's comparison settings.
+        records: the finished runs' records.
+        plans: every planned run (their folders hold the learning-curve histories).
+        output_dir: the comparison's folder.
+        settings: what the comparison was run with (archs, seeds, overrides), for the text and ``runs.json``.
+
+    Returns:
+        the Markdown written to ``table.md``.
+
+    Example:
+        >>> print(write_outputs(spec, records, plans, Path("comparisons/openkbp"), settings))  # doctest: +SKIP
+    """
+    floor = summarise_floor(records, spec)
+    if floor is None and any(m.floor_path for m in spec.reported_metrics):
+        logger.warning("no run's report has a floor: the table has no floor row")
+    for message in (floor or {}).get("warnings", []):
+        logger.warning("%s", message)
+    rows = summarise(records, spec, floor=floor)
+    for message in below_floor_messages(rows, spec, floor):
+        logger.warning("%s", message)
+    table = format_markdown(rows, spec, floor=floor)
     env = environment_record()
     lines = [
         f"# Comparison on `{spec.bundle.name}`",
@@ -108,6 +139,18 @@ def write_outputs(
         "the same seed; positive means better than STL. `*`: the two means differ by more than two standard errors of "
         "their difference over seeds (a screening rule over seeds, not a significance test). Rank: by Δ mean.",
     ]
+    if spec.extra_metrics:
+        names = ", ".join(f"{m.task}: {m.label}" for m in spec.extra_metrics)
+        lines += ["", f"Extra reported metrics ({names}): shown beside the task metrics, not part of Δ or the rank."]
+    if floor is not None:
+        lines += [
+            "",
+            f"{floor['label']}: the trivial predictors built from the training split only, scored by the same code on "
+            "the same evaluation cases as the models (the report's `floor` block); the same for every run of one "
+            "split (± only where the runs' splits differ: mean over seeds). No Δ or rank for the floor.",
+            f"`{BELOW_FLOOR}`: the method's mean does not beat the floor on that metric (it is not strictly better in "
+            "the metric's direction).",
+        ]
     if spec.paper:
         lines += ["", "Paper (Table 2):", "", "| Method | " + " | ".join(m.task for m in spec.metrics) + " |"]
         lines.append("|---|" + "---:|" * len(spec.metrics))
@@ -121,13 +164,14 @@ def write_outputs(
             lines += ["", spec.paper_note]
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(output_dir / "table.md", markdown)
-    atomic_write_text(output_dir / "table.csv", to_csv(rows, spec))
-    atomic_write_json(output_dir / "runs.json", json_safe({"settings": settings, "runs": records, "summary": rows}))
+    atomic_write_text(output_dir / "table.csv", to_csv(rows, spec, floor))
+    summary = {"settings": settings, "runs": records, "summary": rows, "floor": floor}
+    atomic_write_json(output_dir / "runs.json", json_safe(summary))
     run_dirs: dict[str, list[Path]] = {}
     for plan in plans:
         run_dirs.setdefault(plan.arch, []).append(plan.run_dir)
     plot_learning_curves(run_dirs, spec.curves, output_dir / "learning_curves.png")
-    plot_metric_bars(rows, spec, output_dir / "metrics.png")
+    plot_metric_bars(rows, spec, output_dir / "metrics.png", floor)
     return markdown
 
 
@@ -188,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     to_run: list[RunPlan] = []
     for index, plan in enumerate(plans, start=1):
         try:
-            record = load_finished_run(plan)
+            record = load_finished_run(plan, spec)
         except ValueError as error:
             parser.error(str(error))
         if record is not None:

@@ -1,4 +1,5 @@
-"""Figures of a comparison: learning curves per architecture (mean over seeds) and bars of each task's metric."""
+"""Figures of a comparison: learning curves per architecture (mean over seeds) and bars of each reported metric, with
+the training-split floor as a dashed reference line in both."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import matplotlib
 matplotlib.use("Agg")  # headless: comparisons run on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from ctan_monai.compare.spec import ComparisonSpec  # noqa: E402
+from ctan_monai.engines.figures import draw_floor_lines, split_floor_keys  # noqa: E402
 from ctan_monai.utils.atomic import atomic_path  # noqa: E402
 
-__all__ = ["plot_learning_curves", "plot_metric_bars"]
+__all__ = ["bar_axis_limits", "plot_learning_curves", "plot_metric_bars"]
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
@@ -29,8 +32,10 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> None:
 
 def plot_learning_curves(
     run_dirs: Mapping[str, Sequence[Path]], keys: Sequence[str], path: str | os.PathLike[str]
-) -> bool:
-    """One panel per history key, one line per architecture (mean over its seeds, shaded min..max).
+) -> Figure | None:
+    """One panel per history key, one line per architecture (mean over its seeds, shaded min..max), and in each panel
+    the training-split floor of its metric (``val_floor_mean_dice`` in ``val_mean_dice``) as a dashed line labelled
+    ``floor``: the latest value of each run, mean over the runs. Floor keys in ``keys`` get no panel of their own.
 
     Args:
         run_dirs: architecture to its runs' folders (each with ``metrics_history.json``).
@@ -38,7 +43,10 @@ def plot_learning_curves(
         path: the PNG to write.
 
     Returns:
-        True when a figure was written (False when no run has any of the keys).
+        the figure written (closed: inspect its axes), or None when no run has any of the keys.
+
+    Example:
+        >>> fig = plot_learning_curves({"stl": [Path("runs/stl_seed0")]}, ["val_mean_dice"], "lc.png")  # doctest: +SKIP
     """
     histories = {
         arch: [
@@ -46,9 +54,11 @@ def plot_learning_curves(
         ]
         for arch, dirs in run_dirs.items()
     }
-    present = [k for k in keys if any(k in h for hs in histories.values() for h in hs)]
+    every_key = {k for hs in histories.values() for h in hs for k in h}
+    present, _ = split_floor_keys(k for k in keys if k in every_key)
     if not present:
-        return False
+        return None
+    _, floor_keys = split_floor_keys([*present, *sorted(k for k in every_key if k not in present)])
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False, layout="constrained")
     for ax, key in zip(axes[0], present):
         for arch, hs in histories.items():
@@ -60,12 +70,25 @@ def plot_learning_curves(
             ax.plot(epochs, np.nanmean(values, axis=0), marker="o", ms=3, label=arch.upper())
             if len(series) > 1:
                 ax.fill_between(epochs, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.2)
+        floors = [
+            (label, _mean_latest([h[name] for hs in histories.values() for h in hs if h.get(name)]))
+            for name, (panel, label) in floor_keys.items()
+            if panel == key
+        ]
+        draw_floor_lines(ax, floors)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     _save(fig, path)
-    return True
+    return fig
+
+
+def _mean_latest(series: Sequence[Sequence[Sequence[float]]]) -> float:
+    """The mean over runs of each run's value at its latest epoch (NaN when none is finite)."""
+    latest = [float(max(points, key=lambda p: p[0])[1]) for points in series if points]
+    finite = [v for v in latest if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def bar_axis_limits(means: Sequence[float], stds: Sequence[float]) -> tuple[float, float] | None:
@@ -92,27 +115,46 @@ def bar_axis_limits(means: Sequence[float], stds: Sequence[float]) -> tuple[floa
     return max(floor, low - pad), high + pad
 
 
-def plot_metric_bars(rows: Sequence[Mapping[str, Any]], spec: ComparisonSpec, path: str | os.PathLike[str]) -> None:
-    """One panel per task: the metric's mean over seeds per architecture, with the std as error bar.
+def plot_metric_bars(
+    rows: Sequence[Mapping[str, Any]],
+    spec: ComparisonSpec,
+    path: str | os.PathLike[str],
+    floor: Mapping[str, Any] | None = None,
+) -> Figure:
+    """One panel per reported metric (each task's metric, then its extra metrics): the mean over seeds per
+    architecture, with the std as error bar, and the floor as a dashed horizontal line labelled ``floor`` (kept in
+    view).
 
     Args:
         rows: output of :func:`ctan_monai.compare.table.summarise`.
         spec: the bundle's comparison settings.
         path: the PNG to write.
+        floor: output of :func:`ctan_monai.compare.table.summarise_floor`, or None for no floor lines.
+
+    Returns:
+        the figure written (closed: inspect its axes).
+
+    Example:
+        >>> fig = plot_metric_bars(rows, spec, "metrics.png", floor)  # doctest: +SKIP
     """
-    fig, axes = plt.subplots(1, len(spec.metrics), figsize=(3.6 * len(spec.metrics), 3.2), squeeze=False)
+    metrics = spec.reported_metrics
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
     ordered = sorted(
         rows,
         key=lambda r: (
             ["stl", "hps", "mtan", "ctan"].index(r["arch"]) if r["arch"] in ("stl", "hps", "mtan", "ctan") else 9
         ),
     )
-    for ax, metric in zip(axes[0], spec.metrics):
+    for ax, metric in zip(axes[0], metrics):
+        cells = [r["extra"].get(metric.key, {}) if metric.is_extra else r["tasks"][metric.task] for r in ordered]
         names = [r["arch"].upper() for r in ordered]
-        means = [r["tasks"][metric.task]["mean"] for r in ordered]
-        stds = [r["tasks"][metric.task]["std"] for r in ordered]
+        means = [c.get("mean", math.nan) for c in cells]
+        stds = [c.get("std", math.nan) for c in cells]
         ax.bar(names, means, yerr=stds, capsize=4, color=plt.cm.tab10(np.arange(len(names))))
-        limits = bar_axis_limits(means, stds)
+        entry = (floor or {}).get("metrics", {}).get(metric.key, {})
+        floor_value = float(entry.get("mean", math.nan))
+        drawn = draw_floor_lines(ax, [("floor", floor_value)])
+        limits = bar_axis_limits([*means, floor_value] if drawn else means, [*stds, math.nan] if drawn else stds)
         if limits is not None:
             ax.set_ylim(*limits)
         arrow = "higher is better" if metric.higher_is_better else "lower is better"
@@ -120,3 +162,4 @@ def plot_metric_bars(rows: Sequence[Mapping[str, Any]], spec: ComparisonSpec, pa
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
+    return fig

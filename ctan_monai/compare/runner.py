@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ctan_monai.compare.spec import ComparisonSpec, read_metric
+from ctan_monai.compare.spec import ComparisonSpec, read_floor, read_metric
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "job_environments",
     "load_finished_run",
     "prepare_data",
+    "report_values",
     "run_plans",
 ]
 
@@ -98,12 +99,24 @@ def environment_record() -> dict[str, Any]:
     }
 
 
-def load_finished_run(plan: RunPlan) -> dict[str, Any] | None:
+def load_finished_run(plan: RunPlan, spec: ComparisonSpec | None = None) -> dict[str, Any] | None:
     """The record of a finished run, or None when the run has not finished.
+
+    Args:
+        plan: the run.
+        spec: the bundle's comparison settings: when given and the run's report is still there, the record's extra
+            metrics and floors are read again from it (so a spec that gained an extra metric or a floor applies to
+            runs finished before); the task metrics stay as recorded.
+
+    Returns:
+        the record (``run.json``), or None.
 
     Raises:
         ValueError: when the finished run was made with other settings than ``plan`` (mixing them would make the
             table compare unlike runs).
+
+    Example:
+        >>> record = load_finished_run(plans[0], spec)  # doctest: +SKIP
     """
     path = plan.run_dir / "run.json"
     if not path.is_file():
@@ -116,7 +129,54 @@ def load_finished_run(plan: RunPlan) -> dict[str, Any] | None:
             f"{path}: this run finished with other settings ({record.get('overrides')}) than now "
             f"({_plain(plan.overrides)}); use a new --output_dir for a different comparison"
         )
+    if spec is not None and (plan.run_dir / spec.report).is_file():
+        report_path = plan.run_dir / spec.report
+        values = report_values(json.loads(report_path.read_text()), spec, str(report_path), strict=False)
+        record["extra_metrics"], record["floor"] = values["extra_metrics"], values["floor"]
     return record
+
+
+def report_values(report: dict[str, Any], spec: ComparisonSpec, source: str, strict: bool = True) -> dict[str, Any]:
+    """What a run's record keeps of its evaluation report: the task metrics, the extra metrics and the floors.
+
+    Args:
+        report: the parsed report.
+        spec: the bundle's comparison settings.
+        source: the report's name, for messages.
+        strict: raise on a missing extra metric (a new run); otherwise record it as NaN with a WARNING (a run
+            finished before the spec declared it).
+
+    Returns:
+        ``{"metrics": {task: M}, "extra_metrics": {name: value}, "floor": {key: value or None}}`` (a floor is None
+        where the report has none).
+
+    Raises:
+        KeyError: when a task metric (or, with ``strict``, an extra metric) is not in the report.
+
+    Example:
+        >>> values = report_values(json.loads(Path("run/evaluation/report.json").read_text()), spec, "report")
+        ... # doctest: +SKIP
+        >>> sorted(values)  # doctest: +SKIP
+        ['extra_metrics', 'floor', 'metrics']
+    """
+    extras: dict[str, float] = {}
+    for metric in spec.extra_metrics:
+        try:
+            extras[metric.key] = read_metric(report, metric, source)
+        except KeyError as error:
+            if strict:
+                raise
+            logger.warning("%s (extra metric left out: n/a)", error.args[0])
+            extras[metric.key] = float("nan")
+    floors = {m.key: read_floor(report, m) for m in spec.reported_metrics}
+    absent = [m.floor_path for m in spec.reported_metrics if m.floor_path is not None and floors[m.key] is None]
+    if absent:
+        logger.warning("%s: no floor at %s (the table's floor row leaves it out)", source, ", ".join(absent))
+    return {
+        "metrics": {m.task: read_metric(report, m, source) for m in spec.metrics},
+        "extra_metrics": extras,
+        "floor": floors,
+    }
 
 
 def execute_run(
@@ -137,10 +197,12 @@ def execute_run(
             ``OMP_NUM_THREADS``), recorded with the run.
 
     Returns:
-        the record written to ``run.json``: arch, seed, overrides, metrics per task, timings (s), environment.
+        the record written to ``run.json``: arch, seed, overrides, metrics per task, extra metrics, floors (see
+        :func:`report_values`), timings (s), environment.
 
     Raises:
         RuntimeError: when training or evaluation fails (the message names the log file and ends with its tail).
+        KeyError: when the report lacks a declared task or extra metric.
     """
     override_file = _write_overrides(plan)
     train_config = str(spec.bundle / spec.train_config)
@@ -170,7 +232,7 @@ def execute_run(
     if not report_path.is_file():
         raise RuntimeError(f"{plan.name}: evaluation wrote no report at {report_path}")
     report = json.loads(report_path.read_text())
-    record["metrics"] = {m.task: read_metric(report, m, str(report_path)) for m in spec.metrics}
+    record.update(report_values(report, spec, str(report_path)))
     record["timings"] = timings
     record["status"] = "finished"
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -4,7 +4,7 @@ learning curves. Written atomically as PNG."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -12,11 +12,23 @@ import matplotlib
 matplotlib.use("Agg")  # headless: bundles run on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from ctan_monai.metrics.dose import cumulative_dvh  # noqa: E402
 from ctan_monai.utils.atomic import atomic_path  # noqa: E402
 
-__all__ = ["plot_case_slices", "plot_dvh_curves", "plot_learning_curves"]
+__all__ = [
+    "FLOOR_INFIX",
+    "draw_floor_lines",
+    "plot_case_slices",
+    "plot_dvh_curves",
+    "plot_learning_curves",
+    "split_floor_keys",
+]
+
+FLOOR_INFIX = "_floor_"
+"""What marks a floor metric in ``engine.state.metrics`` and ``metrics_history.json``: ``<prefix>_floor_<metric>``
+is the training-split floor of ``<prefix>_<metric>``."""
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
@@ -124,25 +136,109 @@ def plot_dvh_curves(
     _save(fig, path)
 
 
-def plot_learning_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike[str]) -> None:
-    """One panel per metric: value against epoch.
+def split_floor_keys(names: Iterable[str]) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """Split metric names into learning-curve panels and floor reference lines.
+
+    A floor metric ``<prefix>_floor_<metric>`` (see :data:`FLOOR_INFIX`) is no panel of its own: it is drawn in the
+    panel ``<prefix>_<metric>``, labelled ``floor``; a ``<prefix>_floor_prior_<metric>`` (a class-prior guess) whose
+    ``<prefix>_prior_<metric>`` is no panel goes to ``<prefix>_<metric>``, labelled ``floor (prior)``. A floor whose
+    metric has no panel is not drawn.
+
+    Args:
+        names: metric names in panel order.
+
+    Returns:
+        the panel names (every name that is not a floor, in order) and ``{floor name: (panel, label)}``.
+
+    Example:
+        >>> split_floor_keys(["val_mean_dice", "val_floor_mean_dice", "val_floor_auc", "val_key_metric"])
+        (['val_mean_dice', 'val_key_metric'], {'val_floor_mean_dice': ('val_mean_dice', 'floor')})
+    """
+    names = list(names)
+    panels = [n for n in names if FLOOR_INFIX not in n]
+    lines: dict[str, tuple[str, str]] = {}
+    for name in names:
+        if FLOOR_INFIX not in name:
+            continue
+        prefix, _, metric = name.partition(FLOOR_INFIX)
+        candidates = [(f"{prefix}_{metric}", "floor")]
+        if metric.startswith("prior_"):
+            candidates.append((f"{prefix}_{metric.removeprefix('prior_')}", "floor (prior)"))
+        for panel, label in candidates:
+            if panel in panels:
+                lines[name] = (panel, label)
+                break
+    return panels, lines
+
+
+def draw_floor_lines(ax: Any, floors: Sequence[tuple[str, float]]) -> int:
+    """Draw floors as dashed horizontal reference lines in a panel and add them to its legend.
+
+    Args:
+        ax: the matplotlib axes.
+        floors: ``(label, value)`` pairs; NaN or infinite values are skipped.
+
+    Returns:
+        the number of lines drawn.
+
+    Example:
+        >>> fig, ax = plt.subplots()
+        >>> draw_floor_lines(ax, [("floor", 63.4), ("floor (prior)", float("nan"))])
+        1
+    """
+    drawn = 0
+    for index, (label, value) in enumerate(floors):
+        if not np.isfinite(value):
+            continue
+        ax.axhline(value, linestyle="--", linewidth=1.2, color=("0.2", "tab:red", "tab:purple")[index % 3], label=label)
+        drawn += 1
+    if drawn:
+        ax.legend(fontsize=7)
+    return drawn
+
+
+def plot_learning_curves(
+    history: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike[str]
+) -> Figure | None:
+    """One panel per metric: value against epoch; each floor metric (``<prefix>_floor_<metric>``) is drawn as a dashed
+    horizontal line labelled ``floor`` in its metric's panel instead of a flat panel of its own
+    (:func:`split_floor_keys`), at its latest value.
 
     Args:
         history: ``{metric_name: [(epoch, value), ...]}``.
         path: PNG file to write.
+
+    Returns:
+        the matplotlib figure written (closed: inspect its axes, do not show it), or None when the history is empty.
+
+    Example:
+        >>> fig = plot_learning_curves({"val_mean_dice": [(1, 40.0)], "val_floor_mean_dice": [(1, 30.0)]}, "lc.png")
+        ... # doctest: +SKIP
+        >>> [ax.get_title() for ax in fig.axes]  # doctest: +SKIP
+        ['val_mean_dice']
     """
-    names = [n for n, points in history.items() if points]
-    if not names:
-        return
-    cols = min(3, len(names))
-    rows = int(np.ceil(len(names) / cols))
+    panels, floors = split_floor_keys(n for n, points in history.items() if points)
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, layout="constrained")
-    for ax, name in zip(axes.ravel(), names):
+    for ax, name in zip(axes.ravel(), panels):
         epochs, values = zip(*history[name])
         ax.plot(epochs, values, marker="o", markersize=3)
+        lines = [(label, _latest(history[f])) for f, (panel, label) in floors.items() if panel == name]
+        draw_floor_lines(ax, lines)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    for ax in axes.ravel()[len(names) :]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.axis("off")
     _save(fig, path)
+    return fig
+
+
+def _latest(points: Sequence[tuple[int, float]]) -> float:
+    """The value at the latest epoch (NaN for none): a floor does not change, but the latest one is what holds."""
+    if not points:
+        return float("nan")
+    return float(max(points, key=lambda p: p[0])[1])

@@ -187,9 +187,16 @@ class MetricsHistoryHandler:
     ``metrics_history.json`` and redraw ``learning_curves.png`` (both written atomically). On resume the existing
     history is kept and continued.
 
+    The training-split floors of the evaluation (``val_floor_<metric>``) are recorded like every metric; the figure
+    draws each one as a dashed ``floor`` line in the panel of its metric (``val_floor_mean_dice`` in
+    ``val_mean_dice``), not as a panel of its own (:func:`ctan_monai.engines.figures.plot_learning_curves`).
+
     Args:
         output_dir: folder for the two files.
         evaluator: the validation engine, whose metrics are recorded when it ran in that epoch.
+
+    Example:
+        >>> MetricsHistoryHandler("runs/hps", evaluator=validator).attach(trainer)  # doctest: +SKIP
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], evaluator: Engine | None = None) -> None:

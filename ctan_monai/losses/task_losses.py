@@ -61,6 +61,11 @@ class SegmentationComboLoss(nn.Module):
         include_background: whether the Dice term includes the background class (MONAI's default, True).
         smooth_nr: Dice numerator smoothing (MONAI's default).
         smooth_dr: Dice denominator smoothing (MONAI's default).
+        batch: compute the Dice term over the whole batch (per class, over the samples that annotate it) instead of
+            per sample, as MONAI's ``DiceLoss(batch=True)`` and nnU-Net's batch Dice; each sample's returned value
+            then carries the batch Dice, so the batch mean is ``lambda_ce * CE + lambda_dice * batch Dice``. Small
+            structures learn much faster: a slice without the structure contributes its false positives instead of
+            a constant, gradient-free per-sample Dice of 1.
 
     Raises:
         ValueError: when a weight is negative.
@@ -78,6 +83,7 @@ class SegmentationComboLoss(nn.Module):
         include_background: bool = True,
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
+        batch: bool = False,
     ) -> None:
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0:
@@ -85,6 +91,8 @@ class SegmentationComboLoss(nn.Module):
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)
         self.include_background = include_background
+        self.batch = bool(batch)
+        self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
         # probabilities are given to it already merged, one-hot targets: Dice per sample and class
         self.dice = DiceLoss(
             include_background=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=False
@@ -134,12 +142,27 @@ class SegmentationComboLoss(nn.Module):
 
         # merged probabilities: unannotated classes zeroed, their mass moved into background
         probs = log_probs.exp() * torch.cat([torch.ones_like(merged[:, :1]), ~merged[:, 1:]], dim=1)
-        per_class = self.dice(probs, one_hot(labels, num_classes=num_classes, dtype=probs.dtype)).flatten(1)
+        reference = one_hot(labels, num_classes=num_classes, dtype=probs.dtype)
         dice_mask = present.float()
         if not self.include_background:
             dice_mask[:, 0] = 0.0
+        if self.batch:
+            return self.lambda_dice * self._batch_dice(probs, reference, dice_mask) + self.lambda_ce * ce
+        per_class = self.dice(probs, reference).flatten(1)
         dice = (per_class * dice_mask).sum(dim=1) / dice_mask.sum(dim=1).clamp(min=1.0)
         return self.lambda_dice * dice + self.lambda_ce * ce
+
+    def _batch_dice(self, probs: torch.Tensor, reference: torch.Tensor, dice_mask: torch.Tensor) -> torch.Tensor:
+        """Batch Dice loss per class over the samples where the class counts, averaged over the classes that count
+        in any sample, broadcast to ``[B]``."""
+        weight = dice_mask.view(*dice_mask.shape, *([1] * (probs.ndim - 2)))
+        dims = [0, *range(2, probs.ndim)]
+        intersection = (probs * reference * weight).sum(dim=dims)
+        denominator = ((probs + reference) * weight).sum(dim=dims)
+        per_class = 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
+        counted = (dice_mask.sum(dim=0) > 0).float()
+        dice = (per_class * counted).sum() / counted.sum().clamp(min=1.0)
+        return dice.expand(probs.shape[0])
 
     @staticmethod
     def _present(class_present: torch.Tensor | None, input: torch.Tensor) -> torch.Tensor:

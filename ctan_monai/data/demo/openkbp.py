@@ -42,8 +42,9 @@ def synthetic_openkbp_patient(
 ) -> OpenKBPPatient:
     """Make one synthetic head-and-neck patient on a ``size``-cubed grid.
 
-    CT: air 0, soft tissue about 1040 (+-12 noise), skull, mandible and vertebrae brighter (1700-2200), an air-filled
-    airway. Structures: Brainstem, SpinalCord, parotids, PTV70, PTV63 (for most patients), PTV56 (the targets do not
+    CT: air 0, soft tissue about 1040 (+-12 noise) with the contrast real CTs show (fatty parotids -70, brainstem +25,
+    enhancing gross tumour +35, cerebrospinal fluid around the cord -30), skull, mandible and vertebrae brighter
+    (1700-2200), an air-filled airway. Structures: Brainstem, SpinalCord, parotids, PTV70, PTV63 (for most patients), PTV56 (the targets do not
     overlap). Dose: each target at its prescription, an exponential fall-off around them, lower in the organs at risk,
     1 % noise, rounded to 0.001 Gy like the real files, 0 outside the possible-dose mask (the body within the slices
     around the targets). Shapes, sizes and positions vary with ``rng``.
@@ -136,6 +137,13 @@ def synthetic_openkbp_patient(
     vertebra = body & in_cord_slices & (vertebra_q > 1.4) & (vertebra_q < 3.0)
     airway_q = _ellipsoid_radius(grid, (0.42 * n, centre_col, 0), (0.03 * n, 0.03 * n, 1), axes=(0, 1))
     airway = body & (airway_q <= 1.0) & (sli > 0.5 * n) & (sli < 0.85 * n) & ~ptv70
+    # soft-tissue contrast as in real planning CTs: parotid glands are fatty (darker than muscle), the gross tumour
+    # enhances slightly, and the cord sits in darker cerebrospinal fluid; targets and organs are otherwise invisible
+    for name, offset in (("RightParotid", -70.0), ("LeftParotid", -70.0), ("Brainstem", 25.0)):
+        ct[(oar_q[name] <= 1.0) & body] += offset
+    ct[ptv70] += 35.0
+    csf = body & in_cord_slices & (cord_q > 1.0) & (vertebra_q <= 1.4)
+    ct[csf] -= 30.0
     ct[skull] = 2200.0
     ct[mandible] = 1900.0
     ct[vertebra] = 1700.0
