@@ -269,9 +269,23 @@ def test_training_writes_demo_and_resumes(ham_bundle: Path) -> None:
     assert final["trainer"]["iteration"] == 4
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {4}
     assert final["loss"]["_extra_state"]["weighting"]["epoch"] == 2
+    assert final["lr_scheduler"]["last_epoch"] == 4  # the schedule is stepped per iteration and resumed
     report = json.loads((ham_bundle / "runs" / "ctan" / "validation" / "report.json").read_text())
     assert report["epoch"] == 2 and report["summary"]["num_images"] == len(splits["validation"])
-    assert (ham_bundle / "models" / "model.pt").is_file()
+    # models/model.pt: the validated epoch with the best key metric (mean of Dice and balanced accuracy, as
+    # fractions), its record kept across the resume; model_final.pt: the last epoch's weights
+    keys = history["val_key_metric"]
+    assert [e for e, _ in keys] == [1, 2]
+    for (_, key), (_, dice), (_, bacc) in zip(keys, history["val_mean_dice"], history["val_balanced_accuracy"]):
+        assert key == pytest.approx(0.005 * dice + 0.005 * bacc)
+    best_epoch, best_key = max(keys, key=lambda point: point[1])  # the first of equal scores, as the saver keeps
+    assert final["best_model"]["_saved"][0][0] == pytest.approx(best_key)
+    best = torch.load(ham_bundle / "models" / "model.pt", weights_only=True)
+    last = torch.load(ham_bundle / "models" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(last[k], v) for k, v in final["model"].items())
+    assert all(torch.equal(best[k], last[k]) for k in last) == (best_epoch == 2)
+    summary = (ham_bundle / "runs" / "ctan" / "training_summary.md").read_text()
+    assert f"best (epoch {best_epoch})" in summary and "last (epoch 2)" in summary and "untrained" in summary
 
 
 @pytest.mark.slow
@@ -280,7 +294,9 @@ def test_arch_switch_and_evaluate(ham_bundle: Path) -> None:
     sampler); evaluate.yaml reports on the held-out test lesions with figures."""
     train = ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--epochs", "1", "--val_interval", "2"]
     run_bundle([*train, "--arch", "hps", "--class_balance", "loss_weights"], ham_bundle)
+    # validated at the last epoch although val_interval is 2: the one epoch is models/model.pt
     assert (ham_bundle / "models" / "hps" / "model.pt").is_file()
+    assert (ham_bundle / "models" / "hps" / "model_final.pt").is_file()
     evaluate = ["run", "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *QUICK[:4]]
     out = run_bundle([*evaluate, "--arch", "hps"], ham_bundle)
     assert "test_balanced_accuracy" in out
@@ -290,7 +306,7 @@ def test_arch_switch_and_evaluate(ham_bundle: Path) -> None:
     assert [r["image_id"] for r in report["images"]] == test_ids
     summary = report["summary"]
     assert 0 <= summary["segmentation"]["mean_dice"] <= 100
-    assert compare_metrics(ham_bundle, ham_bundle / "runs" / "hps", validated=False) == {
+    assert compare_metrics(ham_bundle, ham_bundle / "runs" / "hps", validated=True) == {
         "seg": summary["segmentation"]["mean_dice"],
         "dx": summary["classification"]["balanced_accuracy"],
     }

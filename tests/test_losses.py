@@ -58,6 +58,38 @@ def test_combo_loss_equals_monai_dicece_when_all_classes_present(shape, include_
     torch.testing.assert_close(loss(logits, labels, class_present=all_present), per_sample, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("include_background", [True, False])
+def test_batch_dice_combo_loss_equals_monai_batch_dicece(include_background):
+    logits, labels = _seg_batch(3, batch=4, classes=4)
+    ours = SegmentationComboLoss(1.0, 1.0, include_background=include_background, batch=True)(logits, labels)
+    monai = DiceCELoss(to_onehot_y=True, softmax=True, include_background=include_background, batch=True)
+    assert ours.shape == (4,)
+    dice_only = SegmentationComboLoss(1.0, 0.0, include_background=include_background, batch=True)(logits, labels)
+    assert torch.allclose(dice_only, dice_only[0].expand(4))  # every sample carries the one batch Dice
+    assert torch.allclose(ours.mean(), monai(logits, labels), atol=1e-5)
+    per_sample = SegmentationComboLoss(1.0, 1.0, include_background=include_background)(logits, labels).mean()
+    assert not torch.allclose(ours.mean(), per_sample)
+
+
+def test_batch_dice_leaves_a_class_out_only_where_it_is_not_annotated():
+    logits, labels = _seg_batch(4, batch=2, classes=3)
+    present = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss = SegmentationComboLoss(1.0, 0.0, include_background=False, batch=True)
+    value = loss(logits, labels, present)[0]
+    # by hand: class 1 over both samples, class 2 over sample 0 only (sample 1's stray class-2 voxels are background)
+    labels1 = torch.where(labels[1:] == 2, 0, labels[1:])
+    probs = torch.softmax(logits, 1)
+    merged1 = torch.cat([probs[1:, :1] + probs[1:, 2:], probs[1:, 1:2], torch.zeros_like(probs[1:, 2:])], dim=1)
+    all_probs = torch.cat([probs[:1], merged1])
+    reference = F.one_hot(torch.cat([labels[:1], labels1])[:, 0], 3).movedim(-1, 1).float()
+
+    def dice(p, r):
+        return 1 - (2 * (p * r).sum() + 1e-5) / ((p + r).sum() + 1e-5)
+
+    expected = (dice(all_probs[:, 1], reference[:, 1]) + dice(all_probs[:1, 2], reference[:1, 2])) / 2
+    assert torch.allclose(value, expected, atol=1e-5)
+
+
 def test_combo_loss_per_sample_values_are_independent_of_the_batch():
     logits, labels = _seg_batch(1)
     loss = SegmentationComboLoss()

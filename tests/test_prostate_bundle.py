@@ -38,9 +38,11 @@ BUNDLE = REPO_ROOT / "bundles" / "ctan_prostate"
 QUICK = ["--backbone", "resnet18", "--train_slices_per_epoch", "32", "--batch_size", "16"]
 QUICK += ["--progress_bar", "False", "--num_workers", "0"]
 HU_RANGE = (-1024.0, 3071.0)
+# as train.yaml declares them: the dose head predicts dose / 70 Gy (dose_scale), starting at 3 Gy (dose_initial)
+DOSE_SCALE = 70.0
 TASKS = [
     {"name": "seg", "level": "pixel", "kind": "segmentation", "out_channels": 5},
-    {"name": "dose", "level": "pixel", "kind": "regression", "out_channels": 1},
+    {"name": "dose", "level": "pixel", "kind": "regression", "out_channels": 1, "output_scale": DOSE_SCALE},
 ]
 
 
@@ -224,7 +226,16 @@ def test_demo_training_arch_switch_and_evaluate(prostate_bundle: Path) -> None:
     )
     assert (prostate_bundle / "demo_data" / "prostate" / "README.txt").is_file()
     assert (prostate_bundle / "cache" / "prostate" / "manifest.json").is_file()
-    assert (prostate_bundle / "models" / "model.pt").is_file()
+    # one epoch, validated (the last epoch always is): models/model.pt is that epoch, as model_final.pt
+    best = torch.load(prostate_bundle / "models" / "model.pt", weights_only=True)
+    last = torch.load(prostate_bundle / "models" / "model_final.pt", weights_only=True)
+    assert set(best) == set(last) and all(torch.equal(best[k], last[k]) for k in last)
+    summary = json.loads((prostate_bundle / "runs" / "ctan" / "training_summary.json").read_text())
+    assert set(summary) == {"val_mean_dice", "val_dose_mae", "val_dvh_score", "val_whole_volume_mae"}
+    assert summary["val_dose_mae"]["floor"] is not None and "best (epoch 1)" in summary["val_dose_mae"]
+    history = json.loads((prostate_bundle / "runs" / "ctan" / "metrics_history.json").read_text())
+    (_, key), (_, dice), (_, dose) = (history[k][0] for k in ("val_key_metric", "val_mean_dice", "val_dose_mae"))
+    assert key == pytest.approx(dice / 100 - dose / DOSE_SCALE)
     _bundle_threads1(
         ["run", "training", "--config_file", "configs/train.yaml", *QUICK, "--arch", "hps", "--epochs", "1"],
         prostate_bundle,
@@ -248,7 +259,7 @@ def test_demo_training_arch_switch_and_evaluate(prostate_bundle: Path) -> None:
     summary = report["summary"]
     assert summary["num_cases"] == 1 and sorted(summary["dice"]) == sorted(DEMO_ORGANS)
     assert 0 <= summary["dose_mae"] < 60 and summary["dvh_score"] >= 0
-    metrics = compare_metrics(prostate_bundle, prostate_bundle / "runs" / "hps", validated=False)
+    metrics = compare_metrics(prostate_bundle, prostate_bundle / "runs" / "hps", validated=True)
     assert metrics == {"seg": summary["mean_dice"], "dose": summary["dose_mae"]}
     case = report["cases"][0]
     assert sorted(case["dose"]["dvh"]["reference"]) == sorted(DEMO_ORGANS)  # DVH metrics of every organ
@@ -262,9 +273,10 @@ def test_inference_from_a_ct_only_dicom_folder(prostate_bundle: Path, tmp_path: 
     ckpt = prostate_bundle / "models" / "model.pt"
     if not ckpt.is_file():
         pytest.skip("needs the model trained by test_demo_training_arch_switch_and_evaluate")
-    # a 1-epoch model may predict no dose above 0: raise the dose head's bias so that the dose has values to compare
+    # a 1-epoch model predicts about dose_initial everywhere: raise the dose by 40 Gy through the head's bias (in
+    # units of dose_scale) so that the dose has values to compare
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    state["decoders.dose.head.bias"] = state["decoders.dose.head.bias"] + 40.0
+    state["decoders.dose.head.bias"] = state["decoders.dose.head.bias"] + 40.0 / DOSE_SCALE
     model_dir = tmp_path / "models"
     model_dir.mkdir()
     torch.save(state, model_dir / "model.pt")
@@ -302,6 +314,7 @@ def test_inference_from_a_ct_only_dicom_folder(prostate_bundle: Path, tmp_path: 
     written_dose = dose.transpose(1, 0, 2)[:, :, ::-1]
     np.testing.assert_allclose(written_dose[body], expected_dose[body], rtol=1e-4, atol=1e-3)
     assert not written_dose[~body].any() and written_dose.max() > 0
+    assert written_dose[body].mean() > 30.0  # Gy (the raised bias), not Gy / dose_scale
 
 
 def test_inference_errors_name_the_folder(prostate_bundle: Path, tmp_path: Path) -> None:

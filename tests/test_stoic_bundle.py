@@ -79,6 +79,7 @@ def trained_hps(stoic_bundle: Path) -> Path:
 # ----------------------------------------------------------------------------------------------- training (2.5D)
 def test_train_25d_arch_switch_and_validation_report(trained_hps: Path) -> None:
     assert (trained_hps / "models" / "hps" / "model.pt").is_file()
+    assert (trained_hps / "models" / "hps" / "model_final.pt").is_file()
     assert not (trained_hps / "models" / "model.pt").exists()  # the CTAN default was not touched
     checkpoint = torch.load(
         trained_hps / "runs" / "hps" / "checkpoints" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False
@@ -91,6 +92,28 @@ def test_train_25d_arch_switch_and_validation_report(trained_hps: Path) -> None:
     validation = split_patients(json.loads((trained_hps / "cache" / "stoic" / "manifest.json").read_text())["cases"])
     assert [p["case_id"] for p in report["patients"]] == [c["case_id"] for c in validation["validation"]]
     assert all(p["num_samples"] == 8 for p in report["patients"])  # eval_slices per patient
+
+
+def test_undefined_auc_keeps_the_last_weights_as_model(trained_hps: Path, tmp_path: Path) -> None:
+    """A validation split on which no AUC is defined (every patient COVID-positive and not severe): no epoch has a
+    key metric, none is selected, and the run still ends with models/model.pt, the last weights, said loudly."""
+    with open(trained_hps / "demo_data" / "stoic" / "metadata" / "reference.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    one_label = [r["PatientID"] for r in rows if r["probCOVID"] == "1" and r["probSevere"] in ("0", "")][:3]
+    split = {"training": [r["PatientID"] for r in rows if r["PatientID"] not in one_label], "validation": one_label}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    args = _quick(split_file=str(tmp_path / "split.json"), output_dir=str(tmp_path / "run"))
+    out = run_bundle(
+        ["run", "training", "--config_file", "configs/train.yaml", *args, "--model_dir", str(tmp_path / "models")],
+        trained_hps,
+    )
+    assert "key metric val_key_metric not computed" in out
+    assert "holds the LAST weights (epoch 1)" in out
+    best = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    last = torch.load(tmp_path / "models" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(best[k], last[k]) for k in last)
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["val_mean_auc"]["beats_floor"] is None and "last (epoch 1)" in summary["val_mean_auc"]
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation

@@ -2,7 +2,7 @@
 trivial floors from the training split, figures."""
 
 from ctan_monai.engines.base import RunCollectorHandler, csv_text, figures_never_fail, write_csv, write_report
-from ctan_monai.engines.checkpoints import AtomicCheckpointSaver, BestModelSaver
+from ctan_monai.engines.checkpoints import AtomicCheckpointSaver, BestModelFallback, BestModelSaver
 from ctan_monai.engines.evaluation import CaseReference, VolumeEvaluationHandler, openkbp_dvh_structures
 from ctan_monai.engines.floors import VolumeFloor
 from ctan_monai.engines.handlers import (
@@ -30,6 +30,7 @@ from ctan_monai.engines.summary import TrainingSummaryHandler, summary_table
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BestModelFallback",
     "BestModelSaver",
     "CaseReference",
     "ClassificationFloor",

@@ -13,6 +13,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from ctan_monai.engines.checkpoints import SKIP_MODEL_SELECTION
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
 
 __all__ = ["TrainingSummaryHandler", "summary_table"]
@@ -20,8 +21,12 @@ __all__ = ["TrainingSummaryHandler", "summary_table"]
 UNTRAINED_FILE = "untrained_metrics.json"
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _fmt(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+    return f"{value:.2f}" if _finite(value) else "-"
 
 
 def summary_table(
@@ -37,7 +42,8 @@ def summary_table(
         floor: metric key -> the floor's value (missing keys: no floor).
 
     Returns:
-        ``(table, record)``; the record has per metric the columns, the floor and ``beats_floor``.
+        ``(table, record)``; the record has per metric the columns, the floor and ``beats_floor`` (None when the
+        model's value or the floor is missing or not finite).
 
     Example:
         >>> table, record = summary_table({"val_mean_dice": ("mean Dice (%)", True)},
@@ -54,8 +60,8 @@ def summary_table(
         values = {t: columns[t].get(key) for t in titles}
         floor_value = floor.get(key)
         model = values.get(best_title)
-        beats = None
-        if isinstance(model, (int, float)) and isinstance(floor_value, (int, float)):
+        beats = None  # undefined (e.g. an AUC on a split with one label) is no verdict, neither yes nor NO
+        if _finite(model) and _finite(floor_value):
             beats = bool(model > floor_value) if higher else bool(model < floor_value)
         verdict = "-" if beats is None else ("yes" if beats else "NO")
         cells = " | ".join(_fmt(values[t]) for t in titles)
@@ -71,7 +77,10 @@ class TrainingSummaryHandler:
 
     The untrained network is evaluated once when training first starts (its metrics are kept in
     ``untrained_metrics.json``, so a resumed run reuses them; the weights are still the fresh ones then, since the
-    resume handler runs after this one). A model that does not beat its floor is logged as a warning.
+    resume handler runs after this one). That evaluation is no candidate for the best model (its evaluator state has
+    ``SKIP_MODEL_SELECTION`` set while it runs, which ``BestModelSaver`` honours). When no validated epoch had the key
+    metric (e.g. an AUC undefined on a tiny validation split), the table shows the last validated epoch instead of
+    the best one. A model that does not beat its floor is logged as a warning.
 
     Args:
         evaluator: the validation engine.
@@ -113,7 +122,11 @@ class TrainingSummaryHandler:
         if not self.evaluate_untrained or self.evaluator is None or path.is_file():
             return
         self.logger.info("evaluating the untrained network (for the summary at the end)")
-        self.evaluator.run(1)
+        setattr(self.evaluator.state, SKIP_MODEL_SELECTION, True)
+        try:
+            self.evaluator.run(1)
+        finally:
+            setattr(self.evaluator.state, SKIP_MODEL_SELECTION, False)
         untrained = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
         # the history handler must not take these for epoch 1's validation
         self.evaluator.state.epoch = 0
@@ -137,12 +150,18 @@ class TrainingSummaryHandler:
         if untrained_path.is_file():
             columns["untrained"] = json.loads(untrained_path.read_text())
         ranked = history.get(self.key_metric) or []
+        validated = sorted({int(e) for key in self.metrics for e, _ in history.get(key, [])})
+        picks: tuple[tuple[str, int], ...] = ()
         if ranked:
             best_epoch = max(ranked, key=lambda point: point[1])[0]
-            last_epoch = ranked[-1][0]
+            last_epoch = max([int(e) for e, _ in ranked] + validated)  # the last validated, with a key metric or not
             picks = ((f"best (epoch {best_epoch})", best_epoch), (f"last (epoch {last_epoch})", last_epoch))
-            for title, epoch in picks:
-                columns[title] = {k: v for k, points in history.items() for e, v in points if e == epoch}
+        elif validated:
+            # no epoch had the key metric: nothing was selected, the last validated epoch is the model
+            self.logger.warning("no validated epoch has the key metric %s: the summary shows the last", self.key_metric)
+            picks = ((f"last (epoch {validated[-1]})", validated[-1]),)
+        for title, epoch in picks:
+            columns[title] = {k: v for k, points in history.items() for e, v in points if e == epoch}
         if not columns:
             self.logger.warning("no validation ran: no training summary")
             return

@@ -97,13 +97,20 @@ class PixelDecoder(nn.Module):
         )
         last = int(fine_channels[-1]) if len(fine_channels) else decoder_channels[-1]
         self.head = Conv[Conv.CONV, spatial_dims](last, out_channels, kernel_size=1)
-        self.output_scale = float(output_scale)
-        if output_bias or self.output_scale != 1.0:
+        # a buffer, so that the scale travels with the weights: loading a trained model restores it, and a config
+        # that forgot it cannot silently write doses divided by the scale
+        self.register_buffer("output_scale", torch.tensor(float(output_scale)))
+        if output_bias or float(output_scale) != 1.0:
             # a scaled regression head starts as the constant output_bias: its random weights, multiplied by the
             # scale, would otherwise start it at tens of Gy of noise
             with torch.no_grad():
                 self.head.weight.zero_()
-                self.head.bias.fill_(float(output_bias) / self.output_scale)
+                self.head.bias.fill_(float(output_bias) / float(output_scale))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # weights saved before the output scale was stored keep the configured one (load_state_dict passes a copy)
+        state_dict.setdefault(prefix + "output_scale", self.output_scale.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int], fine: list[torch.Tensor]
@@ -124,9 +131,7 @@ class PixelDecoder(nn.Module):
             x = block(x, skips[2 - i])
         for i, block in enumerate(self.fine):
             x = block(x, fine[i])
-        x = self.head(x)
-        if self.output_scale != 1.0:
-            x = x * self.output_scale
+        x = self.head(x) * self.output_scale.to(x.dtype)
         return F.interpolate(x, size=out_size, mode=self.mode, align_corners=False)
 
 

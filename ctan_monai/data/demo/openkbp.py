@@ -42,12 +42,13 @@ def synthetic_openkbp_patient(
 ) -> OpenKBPPatient:
     """Make one synthetic head-and-neck patient on a ``size``-cubed grid.
 
-    CT: air 0, soft tissue about 1040 (+-12 noise) with the contrast real CTs show (fatty parotids -70, brainstem +25,
-    enhancing gross tumour +35, cerebrospinal fluid around the cord -30), skull, mandible and vertebrae brighter
-    (1700-2200), an air-filled airway. Structures: Brainstem, SpinalCord, parotids, PTV70, PTV63 (for most patients), PTV56 (the targets do not
-    overlap). Dose: each target at its prescription, an exponential fall-off around them, lower in the organs at risk,
-    1 % noise, rounded to 0.001 Gy like the real files, 0 outside the possible-dose mask (the body within the slices
-    around the targets). Shapes, sizes and positions vary with ``rng``.
+    CT: air 0, soft tissue about 1040 (+-12 noise) with the contrast real CTs show (fatty parotids -70, brainstem
+    +25, enhancing gross tumour +35, cerebrospinal fluid around the cord -30), skull, mandible and vertebrae
+    brighter (1700-2200), an air-filled airway. Structures: Brainstem, SpinalCord, parotids, PTV70, PTV63 (for most
+    patients), PTV56 (the targets do not overlap). Dose: each target at its prescription, an exponential fall-off
+    around them, lower in the organs at risk, 1 % noise, rounded to 0.001 Gy like the real files, 0 outside the
+    possible-dose mask (the body within the slices around the targets). Shapes, sizes and positions vary with
+    ``rng``.
 
     Args:
         patient_id: e.g. ``"pt_1"``.
