@@ -233,7 +233,7 @@ def test_ctan_and_mtan_differ_only_in_wiring() -> None:
     ctan.load_state_dict(shared, strict=False)
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
-        us, ps = mtan.encoder(x)
+        _, us, ps = mtan.encoder(x)
         feats_m, _ = mtan.stages[0](us[0], ps[0], [])
         feats_c, _ = ctan.stages[0](us[0], ps[0], [])
     assert torch.allclose(feats_m[0], feats_c[1]) and torch.allclose(feats_m[1], feats_c[0])

@@ -42,7 +42,7 @@ class ResNetEncoder(nn.Module):
 
     Example:
         >>> enc = ResNetEncoder("resnet18", spatial_dims=2, in_channels=1)
-        >>> us, ps = enc(torch.zeros(2, 1, 64, 64))
+        >>> stem, us, ps = enc(torch.zeros(2, 1, 64, 64))
         >>> [tuple(p.shape) for p in ps]
         [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
     """
@@ -79,26 +79,16 @@ class ResNetEncoder(nn.Module):
         expansion = int(getattr(block, "expansion", 1))
         self.out_channels = [p * expansion for p in _STAGE_PLANES]
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Run the shared encoder.
 
         Args:
             x: images [B, in_channels, *spatial].
 
         Returns:
-            ``(us, ps)``: per stage, U^j (the input of the stage's last block) and P^j (the stage's output).
-        """
-        _, us, ps = self.features(x)
-        return us, ps
-
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Run the shared encoder and also return the stem's output (before the max pool), for fine decoders.
-
-        Args:
-            x: images [B, in_channels, *spatial].
-
-        Returns:
-            ``(stem, us, ps)``: the stem feature (64 channels, 1/``stem_stride`` of the input), then as ``forward``.
+            ``(stem, us, ps)``: the stem's output before the max pool (64 channels, 1/``stem_stride`` of the input,
+            for the fine decoder blocks), then per stage U^j (the input of the stage's last block) and P^j (the
+            stage's output).
         """
         stem = self.act(self.bn1(self.conv1(x)))
         x = self.maxpool(stem)

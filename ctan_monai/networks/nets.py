@@ -147,7 +147,7 @@ class HPS(MultiTaskNet):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{task_name: output}``."""
         self._check_input(x)
-        stem, _, ps = self.encoder.features(x)
+        stem, _, ps = self.encoder(x)
         skips = ps[:3]
         size = list(x.shape[2:])
         fine = [stem, x]
@@ -186,7 +186,7 @@ class _TaskAttentionNet(MultiTaskNet):
     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
         """Per task, the attended features of stages 1-3 (skips), per task the stage-4 feature, and the shared
         fine-decoder inputs (stem feature, image)."""
-        stem, us, ps = self.encoder.features(x)
+        stem, us, ps = self.encoder(x)
         per_stage: list[list[torch.Tensor]] = []
         previous: list[torch.Tensor] = []
         for j, stage in enumerate(self.stages):
