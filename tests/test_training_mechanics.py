@@ -646,7 +646,7 @@ def test_default_pixel_decoder_is_the_papers() -> None:
     decoder = net.decoders["seg"]
     assert len(decoder.fine) == 0 and decoder.head.in_channels == SMALL["pixel_decoder_channels"][-1]
     with torch.no_grad():
-        _, _, ps = net.encoder.features(x)
+        _, _, ps = net.encoder(x)
         y = ps[3]
         for i, block in enumerate(decoder.up):
             y = block(y, ps[2 - i])
