@@ -40,6 +40,8 @@ QUICK += ["--progress_bar", "False", "--num_workers", "0"]
 HU_RANGE = (-1024.0, 3071.0)
 # as train.yaml declares them: the dose head predicts dose / 70 Gy (dose_scale), starting at 3 Gy (dose_initial)
 DOSE_SCALE = 70.0
+# as train.yaml and inference.yaml declare it: one up-sampling block to the stem's resolution
+FINE_DECODER = [64]
 TASKS = [
     {"name": "seg", "level": "pixel", "kind": "segmentation", "out_channels": 5},
     {"name": "dose", "level": "pixel", "kind": "regression", "out_channels": 1, "output_scale": DOSE_SCALE},
@@ -257,7 +259,8 @@ def test_demo_training_arch_switch_and_evaluate(prostate_bundle: Path) -> None:
     assert "test_mean_dice" in out and "test_dose_mae" in out
     report = json.loads((prostate_bundle / "runs" / "hps" / "evaluation" / "report.json").read_text())
     summary = report["summary"]
-    assert summary["num_cases"] == 1 and sorted(summary["dice"]) == sorted(DEMO_ORGANS)
+    # the demo's 16 patients with validation_fraction 0.2: 3 validation patients
+    assert summary["num_cases"] == len(report["cases"]) == 3 and sorted(summary["dice"]) == sorted(DEMO_ORGANS)
     assert 0 <= summary["dose_mae"] < 60 and summary["dvh_score"] >= 0
     metrics = compare_metrics(prostate_bundle, prostate_bundle / "runs" / "hps", validated=True)
     assert metrics == {"seg": summary["mean_dice"], "dose": summary["dose_mae"]}
@@ -301,7 +304,7 @@ def test_inference_from_a_ct_only_dicom_folder(prostate_bundle: Path, tmp_path: 
     # by hand: the CT ([z, y, x] in LPS) in the bundle's orientation [y (A->P), x (R->L), z (S->I)], scaled
     ct = patient.ct.transpose(1, 2, 0)[:, :, ::-1].astype(np.float32)
     scaled = np.clip((ct - HU_RANGE[0]) / (HU_RANGE[1] - HU_RANGE[0]), 0, 1)
-    net = build_network("ctan", TASKS, backbone="resnet18")
+    net = build_network("ctan", TASKS, backbone="resnet18", fine_decoder_channels=FINE_DECODER)
     net.load_state_dict(state)
     net.eval()
     with torch.no_grad():
@@ -322,7 +325,7 @@ def test_inference_errors_name_the_folder(prostate_bundle: Path, tmp_path: Path)
         find_ct_series(tmp_path)
     (tmp_path / "notes.txt").write_text("no DICOM here")
     ckpt = tmp_path / "model.pt"  # untrained weights: the folder is what fails
-    torch.save(build_network("ctan", TASKS, backbone="resnet18").state_dict(), ckpt)
+    torch.save(build_network("ctan", TASKS, backbone="resnet18", fine_decoder_channels=FINE_DECODER).state_dict(), ckpt)
     out = _bundle_threads1(
         ["run", "--config_file", "configs/inference.yaml", "--input_dir", str(tmp_path), "--ckpt_path", str(ckpt)],
         prostate_bundle,
@@ -358,7 +361,7 @@ def test_verify_net_in_out_on_segmentation_output(prostate_bundle: Path) -> None
 def test_ckpt_export_matches_checkpoint(prostate_bundle: Path, tmp_path: Path) -> None:
     """A checkpoint (random weights: no training run needed) exports to TorchScript with equal outputs."""
     torch.manual_seed(5)
-    net = build_network("ctan", TASKS, backbone="resnet18")
+    net = build_network("ctan", TASKS, backbone="resnet18", fine_decoder_channels=FINE_DECODER)
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     args = ["ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(ckpt)]

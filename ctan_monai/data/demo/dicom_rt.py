@@ -5,10 +5,13 @@ SYNTHETIC: analytic shapes standing in for a pelvis, labelled as such in the fil
 and in a README.txt. Files of all patients are mixed in randomly named folders under random names, in random order,
 so that readers must group them by their DICOM tags.
 
-Anatomy (fractions of the field of view, LPS: +x patient left, +y posterior, +z superior): an elliptic body; the
-bladder anterior-superior; the prostate (CTV) and its 1.25x expansion (PTV) central; the rectum posterior;
-the femurs lateral and inferior. The dose conforms to the PTV, falls off smoothly, and is lowered in the rectum and
-the bladder.
+Anatomy (fractions of the field of view, LPS: +x patient left, +y posterior, +z superior): an elliptic body with a
+subcutaneous fat rim around muscle, pelvic fat in the middle; the bladder anterior-superior; the prostate (CTV) and
+its 1.25x expansion (PTV) central; the rectum posterior; the femurs lateral and inferior. Patients differ as real
+ones do (``_patient_shapes``): body habitus, where the pelvic organs sit in the body, bladder filling, rectal
+content, femur spacing and height. CT numbers are those of planning CTs (fat -95, muscle 45, urine 10, prostate 40,
+rectal wall 35 around gas and faeces -350..-100, bone 700 HU), so that the organs stand out against the pelvic fat
+as on real scans. The dose conforms to the PTV, falls off smoothly, and is lowered in the rectum and the bladder.
 """
 
 from __future__ import annotations
@@ -31,17 +34,35 @@ DEMO_ORGANS: tuple[str, ...] = ("Rectum", "Bladder", "Femur_L", "Femur_R")
 _RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 _RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
 _PRESCRIPTION_GY = 60.0
-# Shapes: (kind, centre, semi-axes) in fractions of the half field of view; "cyl" ignores z.
+# Shapes of the average patient: (kind, centre, semi-axes) in fractions of the half field of view; "cyl" ignores z.
+# Painted in this order, later over earlier: fat rim (BODY), muscle, pelvic fat, organs. Muscle, PelvicFat and
+# RectalLumen are CT only (no ROI).
 _ANATOMY: dict[str, tuple[str, tuple[float, float, float], tuple[float, float, float]]] = {
     "BODY": ("cyl", (0.0, 0.0, 0.0), (0.85, 0.6, 1.0)),
+    "Muscle": ("cyl", (0.0, 0.0, 0.0), (0.78, 0.53, 1.0)),
+    "PelvicFat": ("cyl", (0.0, -0.02, 0.0), (0.34, 0.44, 1.0)),
     "Bladder": ("ell", (0.0, -0.25, 0.25), (0.22, 0.18, 0.3)),
     "Prostate": ("ell", (0.0, 0.0, -0.1), (0.12, 0.1, 0.22)),
     "Rectum": ("ell", (0.0, 0.24, -0.15), (0.1, 0.09, 0.55)),
+    "RectalLumen": ("ell", (0.0, 0.24, -0.15), (0.06, 0.054, 0.5)),  # the rectum's own, shrunk: its wall stays
     "Femur_L": ("ell", (0.47, 0.0, -0.35), (0.12, 0.12, 0.45)),
     "Femur_R": ("ell", (-0.47, 0.0, -0.35), (0.12, 0.12, 0.45)),
 }
-_HU = {"BODY": 40.0, "Bladder": 10.0, "Prostate": 45.0, "Rectum": -150.0, "Femur_L": 700.0, "Femur_R": 700.0}
+_HU = {
+    "BODY": -95.0,
+    "Muscle": 45.0,
+    "PelvicFat": -90.0,
+    "Bladder": 10.0,
+    "Prostate": 40.0,
+    "Rectum": 35.0,  # the wall
+    "RectalLumen": -220.0,  # gas and faeces, the mean; each patient's is drawn in _patient_shapes
+    "Femur_L": 700.0,
+    "Femur_R": 700.0,
+}
+_PELVIC_ORGANS = ("Bladder", "Prostate", "Rectum")
 _PTV_MARGIN = 1.25  # the PTV is the prostate ellipsoid scaled by this factor
+# a patient's shapes: name -> (centre, semi-axes), fractions of the half field of view
+_Shapes = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -83,7 +104,7 @@ class _Layout:
         axes: voxel-centre coordinates along x, y and z.
         half_fov: half the field of view (x, y, z), the unit of the anatomy's fractions.
         centre: the field of view's centre.
-        jitter: per shape, random factors on its semi-axes.
+        shapes: this patient's shapes, name -> (centre, semi-axes) in fractions of ``half_fov``.
     """
 
     patient_id: str
@@ -95,7 +116,7 @@ class _Layout:
     axes: list[np.ndarray]
     half_fov: np.ndarray
     centre: np.ndarray
-    jitter: dict[str, np.ndarray]
+    shapes: _Shapes
 
 
 def _ds(value: float) -> str:
@@ -103,21 +124,74 @@ def _ds(value: float) -> str:
     return f"{value:.6g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.8e}"
 
 
-def _shape_radius(name: str, points: np.ndarray, half_fov: np.ndarray, jitter: np.ndarray) -> np.ndarray:
+def _patient_shapes(rng: np.random.Generator) -> tuple[_Shapes, dict[str, float]]:
+    """One patient's shapes and CT numbers: the average anatomy varied as patients and scans vary.
+
+    Without this variation every patient would be the same phantom, and the trivial atlas of the training patients
+    (the evaluation's floor) would score a Dice above 90 % and a near-zero dose error: nothing left to learn from the
+    image. Here (mm at the default grid): body habitus (+-10 %); the pelvic organs together shifted in the body (+-12
+    mm left-right and antero-posterior, +-6 mm cranio-caudal); prostate size (0.85-1.2x); bladder filling
+    (0.75-1.35x, growing upwards and forwards from the prostate); rectal position and content; femur spacing (with
+    the body width) and height; and where the scan starts: all the anatomy +-19 mm cranio-caudally in the field of
+    view, as scan ranges differ from patient to patient (which an atlas aligned on the scanned body cannot know, and
+    a slice-wise network does not need to). Rectum and femurs keep their size within +-10 %, so that their contours
+    stay faithful on coarse grids.
+    """
+    shapes: _Shapes = {}
+    habitus = np.array([*rng.uniform(0.9, 1.1, size=2), 1.0])  # the body's width and depth; "cyl" ignores z
+    scan = np.array([0.0, 0.0, rng.uniform(-0.3, 0.3)])
+    group = rng.uniform(-1.0, 1.0, size=3) * np.array([0.06, 0.06, 0.1]) + scan
+    filling = rng.uniform(0.75, 1.35)
+    gland = rng.uniform(0.85, 1.2)
+    for name, (_, centre, semi) in _ANATOMY.items():
+        c, a = np.asarray(centre, dtype=np.float64), np.asarray(semi, dtype=np.float64)
+        jitter = rng.uniform(0.9, 1.1, size=3)
+        if name in ("BODY", "Muscle", "PelvicFat"):  # the fat rim and the pelvic fat vary a little in thickness
+            c, a = c * habitus, a * habitus * (1.0 if name == "BODY" else rng.uniform(0.97, 1.03))
+        elif name in _PELVIC_ORGANS:
+            c, a = c + group, a * jitter
+            if name == "Prostate":
+                a = a * gland
+            elif name == "Bladder":  # a fuller bladder rises and bulges forwards, its base stays on the prostate
+                c = c + (filling - 1.0) * np.array([0.0, -0.5 * semi[1], 0.8 * semi[2]])
+                a = a * filling
+            elif name == "Rectum":
+                c = c + np.array([*rng.uniform(-0.03, 0.03, size=2), 0.0])
+        elif name == "RectalLumen":  # inside this patient's rectum (painted after it)
+            rectum_c, rectum_a = shapes["Rectum"]
+            c, a = rectum_c.copy(), rectum_a * (a / np.asarray(_ANATOMY["Rectum"][2]))
+        else:  # femurs: spaced with the body width, each at a height of its own
+            c = c * habitus + scan + np.array([0.0, rng.uniform(-0.03, 0.03), rng.uniform(-0.12, 0.12)])
+            a = a * jitter
+        shapes[name] = (c, a)
+    hu = {**_HU, "RectalLumen": float(rng.uniform(-350.0, -100.0))}
+    return shapes, hu
+
+
+def _shape_radius(name: str, points: np.ndarray, half_fov: np.ndarray, shapes: _Shapes) -> np.ndarray:
     """Normalised radius of ``points`` [..., 3] in an analytic shape: < 1 inside, 1 on the surface."""
-    kind, centre, semi = _ANATOMY[name]
-    rel = (points - np.asarray(centre) * half_fov) / (np.asarray(semi) * half_fov * jitter)
-    if kind == "cyl":
+    centre, semi = shapes[name]
+    rel = (points - centre * half_fov) / (semi * half_fov)
+    if _ANATOMY[name][0] == "cyl":
         rel = rel[..., :2]
     return np.sqrt((rel**2).sum(-1))
 
 
-def _dose_at(points: np.ndarray, half_fov: np.ndarray, jitter: dict[str, np.ndarray]) -> np.ndarray:
-    """Smooth dose (Gy): a plateau on the PTV with a sigmoid fall-off, lowered in rectum and bladder."""
-    r = _shape_radius("Prostate", points, half_fov, jitter["Prostate"]) / _PTV_MARGIN
-    dose = _PRESCRIPTION_GY * (0.04 + 0.96 / (1.0 + np.exp((r - 1.15) / 0.12)))
+def _dose_at(points: np.ndarray, half_fov: np.ndarray, shapes: _Shapes) -> np.ndarray:
+    """Smooth dose (Gy) of a coplanar arc plan: a plateau on the PTV with a steep sigmoid edge; around it, in the
+    slices the arcs cross (the PTV's cranio-caudal extent), the low-dose bath (about half the prescription at the
+    PTV's surface, falling by e every 0.9 PTV radii in-plane: a third of it some 2 cm out); beyond those slices only a
+    sharp penumbra (e every 0.35 PTV half-lengths, some 6 mm); lowered in rectum and bladder."""
+    centre, semi = shapes["Prostate"]
+    rel = (points - centre * half_fov) / (semi * _PTV_MARGIN * half_fov)
+    r = np.sqrt((rel**2).sum(-1))
+    plateau = 1.0 / (1.0 + np.exp((r - 1.1) / 0.08))
+    in_plane = np.sqrt((rel[..., :2] ** 2).sum(-1))
+    beyond = np.maximum(np.abs(rel[..., 2]) - 1.0, 0.0)
+    bath = 0.55 * np.exp(-np.maximum(in_plane - 1.0, 0.0) / 0.9 - beyond / 0.35)
+    dose = _PRESCRIPTION_GY * (0.04 + 0.96 * (plateau + (1.0 - plateau) * bath))
     for organ, depth in (("Rectum", 0.3), ("Bladder", 0.25)):
-        dose *= 1.0 - depth * np.exp(-(_shape_radius(organ, points, half_fov, jitter[organ]) ** 2))
+        dose *= 1.0 - depth * np.exp(-(_shape_radius(organ, points, half_fov, shapes) ** 2))
     return dose
 
 
@@ -229,15 +303,15 @@ def _write_patient(
     # The CT's first voxel: centred field of view plus a random table offset, so that geometry is not trivial.
     origin = -half_fov + step / 2.0 + np.array([0.0, 0.0, float(rng.uniform(-300.0, 300.0))])
     half_fov_centre = origin + (size - 1) * step / 2.0
-    jitter = {name: rng.uniform(0.9, 1.1, size=3) for name in _ANATOMY}
+    shapes, hu = _patient_shapes(rng)
     axes = [origin[i] + step[i] * np.arange(size[i]) for i in range(3)]
     zz, yy, xx = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
     points = np.stack([xx, yy, zz], axis=-1) - half_fov_centre
 
     ct = np.full(points.shape[:3], -1000.0)
-    inside = {name: _shape_radius(name, points, half_fov, jitter[name]) < 1.0 for name in _ANATOMY}
+    inside = {name: _shape_radius(name, points, half_fov, shapes) < 1.0 for name in _ANATOMY}
     for name in _ANATOMY:  # later shapes paint over earlier ones (organs over the body)
-        ct[inside[name]] = _HU[name]
+        ct[inside[name]] = hu[name]
     ct = np.rint(ct + rng.normal(0.0, 8.0, ct.shape) * inside["BODY"]).clip(-1024, 3000)
 
     study_uid, frame_uid = uid("study"), uid("frame")
@@ -268,7 +342,7 @@ def _write_patient(
         _save(ds, path)
         files.append(path)
 
-    layout = _Layout(patient_id, uid, study_uid, frame_uid, size, step, axes, half_fov, half_fov_centre, jitter)
+    layout = _Layout(patient_id, uid, study_uid, frame_uid, size, step, axes, half_fov, half_fov_centre, shapes)
     files.append(_write_rtstruct(layout, file_path(), ct_series, struct_series, slice_uids))
     dose_path, dose, support = _write_rtdose(layout, file_path(), dose_series, inside["BODY"], dose_spacing)
     files.append(dose_path)
@@ -277,14 +351,14 @@ def _write_patient(
 
 
 def _ellipse_section(
-    name: str, z: float, half_fov: np.ndarray, centre_offset: np.ndarray, jitter: np.ndarray, scale: float = 1.0
+    name: str, z: float, half_fov: np.ndarray, centre_offset: np.ndarray, shapes: _Shapes, scale: float = 1.0
 ) -> np.ndarray | None:
     """The polygon (72 vertices, LPS mm) where an analytic shape meets the plane at height ``z``, or None."""
-    kind, centre, semi = _ANATOMY[name]
-    centre_mm = np.asarray(centre) * half_fov + centre_offset
-    semi_mm = np.asarray(semi) * half_fov * jitter * scale
+    centre, semi = shapes[name]
+    centre_mm = centre * half_fov + centre_offset
+    semi_mm = semi * half_fov * scale
     shrink = 1.0
-    if kind == "ell":
+    if _ANATOMY[name][0] == "ell":
         rel = (z - centre_mm[2]) / semi_mm[2]
         if abs(rel) >= 1.0:
             return None
@@ -333,8 +407,7 @@ def _write_rtstruct(layout: _Layout, path: Path, ct_series: str, series_uid: str
         ds.StructureSetROISequence.append(roi)
         contours = DicomSequence()
         for k, z in enumerate(layout.axes[2]):
-            jitter = layout.jitter[shape_name]
-            polygon = _ellipse_section(shape_name, float(z), layout.half_fov, layout.centre, jitter, scale)
+            polygon = _ellipse_section(shape_name, float(z), layout.half_fov, layout.centre, layout.shapes, scale)
             if polygon is None:
                 continue
             contour = Dataset()
@@ -378,7 +451,7 @@ def _write_rtdose(
         grid_size[:2] += 1  # reach past the body box in-plane
     grid_axes = [grid_origin[i] + grid_step[i] * np.arange(grid_size[i]) for i in range(3)]
     gz, gy, gx = np.meshgrid(*grid_axes[::-1], indexing="ij")
-    grid_dose = _dose_at(np.stack([gx, gy, gz], axis=-1) - layout.centre, layout.half_fov, layout.jitter)
+    grid_dose = _dose_at(np.stack([gx, gy, gz], axis=-1) - layout.centre, layout.half_fov, layout.shapes)
     scaling = _ds(float(grid_dose.max()) / 65000.0)
     stored = np.rint(grid_dose / float(scaling)).astype(np.uint16)
 
@@ -408,5 +481,5 @@ def _write_rtdose(
     index = (ct_points - grid_origin) / grid_step
     # Where SimpleITK's resampling treats a point as inside the grid: within half a voxel of the outer centres.
     support = ((index >= -0.5) & (index < grid_size - 0.5)).all(axis=-1)
-    truth = np.where(support, _dose_at(ct_points - layout.centre, layout.half_fov, layout.jitter), 0.0)
+    truth = np.where(support, _dose_at(ct_points - layout.centre, layout.half_fov, layout.shapes), 0.0)
     return path, truth.astype(np.float32), support
