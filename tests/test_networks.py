@@ -237,3 +237,24 @@ def test_ctan_and_mtan_differ_only_in_wiring() -> None:
         feats_m, _ = mtan.stages[0](us[0], ps[0], [])
         feats_c, _ = ctan.stages[0](us[0], ps[0], [])
     assert torch.allclose(feats_m[0], feats_c[1]) and torch.allclose(feats_m[1], feats_c[0])
+
+
+def test_input_windows_add_clipped_copies() -> None:
+    """``input_windows``: each window adds a clipped, rescaled copy of every input channel before the first
+    convolution; the network still takes ``in_channels`` channels, TorchScript and all four architectures work."""
+    encoder = ResNetEncoder("resnet18", spatial_dims=2, in_channels=2, input_windows=[(0.2, 0.3), (0.0, 10.0)])
+    x = torch.rand(1, 2, 4, 4)
+    windowed = encoder.windowed(x)
+    assert encoder.conv1.weight.shape[1] == 6 and windowed.shape == (1, 6, 4, 4)
+    assert torch.equal(windowed[:, :2], x)
+    assert torch.allclose(windowed[:, 2:4], ((x - 0.2) / 0.1).clamp(0, 1))
+    assert torch.allclose(windowed[:, 4:], x / 10.0)
+    for arch in ("stl", "hps", "mtan", "ctan"):
+        net = build_network(arch, [SEG, DOSE], backbone="resnet18", input_windows=[[0.21, 0.31]]).eval()
+        assert net(torch.rand(1, 1, 64, 64))["seg"].shape == (1, 5, 64, 64)
+        assert not any("window" in key for key in net.state_dict())  # config, not weights
+    scripted = torch.jit.script(net)
+    image = torch.rand(1, 1, 64, 64)
+    assert torch.allclose(scripted(image)["dose"], net(image)["dose"], atol=1e-5)
+    with pytest.raises(ValueError, match="high > low"):
+        ResNetEncoder("resnet18", in_channels=1, input_windows=[(0.3, 0.2)])

@@ -148,7 +148,9 @@ def test_ckpt_export_matches_checkpoint(bundle_copy: Path, tmp_path: Path) -> No
         {"name": "dose", "level": "pixel", "kind": "regression", "out_channels": 1},
     ]
     torch.manual_seed(3)
-    net = build_network("ctan", tasks, backbone="resnet18")
+    # as train.yaml declares the network: one fine decoder block, the soft-tissue CT window
+    window = [[(-160 + 1024) / 4095, (240 + 1024) / 4095]]
+    net = build_network("ctan", tasks, backbone="resnet18", fine_decoder_channels=[64], input_windows=window)
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     run_bundle(

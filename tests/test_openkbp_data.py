@@ -406,19 +406,23 @@ def test_real_cache_round_trip_and_reuse(real_dirs, tmp_path):
     )
     assert os.stat(again[1]["image"]).st_mtime_ns != stamp[entries[1]["case_id"]]
 
-    # the cache alone (copied to a machine without the CSVs) trains as is; a mismatched or damaged cache is refused
+    # the cache alone (copied to a machine without the CSVs) trains as is when dataset_dir is the folder it was made
+    # from; another folder (a typo), a mismatched or a damaged cache is refused
     from ctan_monai.apps.openkbp import prepare_openkbp
 
     moved = tmp_path / "moved_cache"
     shutil.copytree(cache, moved)
-    splits = prepare_openkbp(tmp_path / "no_sources", moved, DEFAULT_STRUCTURES)
+    (tmp_path / "src").rename(tmp_path / "src_elsewhere")
+    splits = prepare_openkbp(tmp_path / "src", moved, DEFAULT_STRUCTURES)
     assert [e["case_id"] for e in splits["train-pats"]] == [e["case_id"] for e in entries]
     assert all(e["image"].startswith(str(moved)) for e in splits["train-pats"])
-    with pytest.raises(ValueError, match="cache made for structures"):
-        prepare_openkbp(tmp_path / "no_sources", moved, ["Brainstem"])
-    Path(splits["train-pats"][0]["dose"]).unlink()
-    with pytest.raises(FileNotFoundError, match="dose file .* is missing"):
+    with pytest.raises(FileNotFoundError, match="does not stand in for it"):
         prepare_openkbp(tmp_path / "no_sources", moved, DEFAULT_STRUCTURES)
+    with pytest.raises(ValueError, match="cache made for structures"):
+        prepare_openkbp(tmp_path / "src", moved, ["Brainstem"])
+    Path(splits["train-pats"][0]["dose"]).unlink()
+    with pytest.raises(DatasetValidationError, match="dose.nii.gz: dose file is missing"):
+        prepare_openkbp(tmp_path / "src", moved, DEFAULT_STRUCTURES)
 
 
 # ----------------------------------------------------------------------------------------------------- demo dataset

@@ -13,6 +13,8 @@ from typing import Any
 from ctan_monai.data.openkbp import (
     DEFAULT_STRUCTURES,
     MANIFEST_NAME,
+    SPLITS,
+    check_cache,
     convert_dataset,
     find_patient_folders,
     load_manifest,
@@ -31,28 +33,34 @@ def prepare_openkbp(
     write_demo_if_missing: bool = False,
     demo_patients: tuple[int, int] = (6, 2),
     skip_bad_cases: bool = False,
+    any_cache_source: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Make the OpenKBP data ready for training: validate every patient up front, convert to the NIfTI cache once,
     and return the manifest entries per split (``train-pats``, ``validation-pats``, ``test-pats`` as present).
 
     Args:
-        dataset_dir: the OpenKBP ``provided-data`` folder or a folder above it. When it holds no patient but
-            ``cache_dir`` holds a manifest (a cache copied to a machine without the CSVs), the cache is used as is.
+        dataset_dir: the OpenKBP ``provided-data`` folder or a folder above it. When it holds no patient, the cache
+            in ``cache_dir`` stands in for it only when it was converted from this same folder (a cache copied to a
+            machine without the CSVs: pass the folder it was made from), or when ``dataset_dir`` is the cache folder
+            itself; its files are then checked against the CRC-32s recorded at conversion.
         cache_dir: the NIfTI cache (reused across runs; patients whose source changed are redone).
         structures: structures of the segmentation task, in label order.
         write_demo_if_missing: when ``dataset_dir`` holds no patient, write the synthetic demo dataset there (the
             bundle's default points at its own ``demo_data`` folder).
         demo_patients: (training, validation) patients of the demo.
         skip_bad_cases: convert the good patients and list the bad ones instead of stopping.
+        any_cache_source: use the cache when ``dataset_dir`` holds no patient even if the cache was converted from
+            another folder (by default that is refused: a mistyped ``dataset_dir`` would train on other data).
 
     Returns:
         ``{split: [entry, ...]}``.
 
     Raises:
-        FileNotFoundError: when ``dataset_dir`` holds no OpenKBP patient (and no demo is to be written, and there is
-            no cache), or a cached file is missing.
+        FileNotFoundError: when ``dataset_dir`` holds no OpenKBP patient (and no demo is to be written) and there is
+            no cache made from it.
         ValueError: when a cache used without its sources was made for other structures.
-        DatasetValidationError: listing every problem of every bad patient.
+        DatasetValidationError: listing every problem of every bad patient, or every missing or corrupt file of a
+            cache used without its sources.
 
     Example:
         >>> splits = prepare_openkbp("demo_data/openkbp", "cache/openkbp", write_demo_if_missing=True)  # doctest: +SKIP
@@ -62,10 +70,10 @@ def prepare_openkbp(
     dataset_dir = Path(dataset_dir)
     try:
         find_patient_folders(dataset_dir)
-    except FileNotFoundError:
+    except FileNotFoundError as err:
         manifest = Path(cache_dir) / MANIFEST_NAME
         if not write_demo_if_missing and manifest.is_file():
-            return _splits_from_cache(manifest, structures, dataset_dir)
+            return _splits_from_cache(manifest, structures, dataset_dir, any_cache_source, err)
         if not write_demo_if_missing:
             raise
         from ctan_monai.data.demo.openkbp import write_openkbp_demo
@@ -80,17 +88,56 @@ def prepare_openkbp(
     return splits
 
 
-def _splits_from_cache(manifest: Path, structures: Sequence[str], dataset_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """The splits of an existing cache, checked against the requested structures and for missing files."""
-    recorded = json.loads(manifest.read_text(encoding="utf-8")).get("structures")
-    if list(recorded or []) != list(structures):
-        raise ValueError(f"{manifest}: cache made for structures {recorded}, not {list(structures)}; reconvert it")
+def _made_from(recorded: Mapping[str, Any], manifest: Path, dataset_dir: Path) -> tuple[bool, str]:
+    """Whether the cache of ``manifest`` was converted from ``dataset_dir`` (or ``dataset_dir`` is the cache), and the
+    source folder it records (for messages)."""
+    given = Path(dataset_dir).resolve()
+    if given == manifest.parent.resolve():
+        return True, str(manifest.parent)
+    source = recorded.get("source_dir")
+    if source:
+        source_path = Path(source)
+        return given in (source_path, source_path / "provided-data") or source_path == given / "provided-data", source
+    # a cache written before source_dir was recorded: every patient's source folder must lie inside dataset_dir
+    sources = [Path(e["source"]) for split in SPLITS for e in recorded.get(split, []) if e.get("source")]
+    if not sources:
+        return False, "an unrecorded folder"
+    common = os.path.commonpath([str(p) for p in sources])
+    return all(p.is_relative_to(given) for p in sources), common
+
+
+def _splits_from_cache(
+    manifest: Path,
+    structures: Sequence[str],
+    dataset_dir: Path,
+    any_cache_source: bool,
+    not_found: FileNotFoundError,
+) -> dict[str, list[dict[str, Any]]]:
+    """The splits of an existing cache, checked against the requested structures and source folder, and for missing
+    or corrupt files."""
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{manifest}: not a JSON manifest ({err}); reconvert the cache") from None
+    if list(recorded.get("structures") or []) != list(structures):
+        raise ValueError(
+            f"{manifest}: cache made for structures {recorded.get('structures')}, not {list(structures)}; reconvert it"
+        )
+    same, source = _made_from(recorded, manifest, dataset_dir)
+    if not same and not any_cache_source:
+        raise FileNotFoundError(
+            f"{not_found}. The converted cache {manifest.parent} does not stand in for it: it was made from {source}, "
+            f"not from {dataset_dir}. Check the dataset_dir (--dataset_dir) for a typo; to train on that cache as it "
+            f"is, pass the folder it was made from ({source}) or prepare_openkbp(..., any_cache_source=True)"
+        ) from None
+    check_cache(manifest).raise_if_problems()
     entries = load_manifest(manifest)
-    for entry in entries:
-        for key in ("image", "label", "dose", "dose_mask"):
-            if key in entry and not Path(entry[key]).is_file():
-                raise FileNotFoundError(f"{manifest}: {entry['case_id']}'s {key} file {entry[key]} is missing")
-    logger.warning("no OpenKBP patients in %s: using the converted cache %s as it is", dataset_dir, manifest.parent)
+    logger.warning(
+        "no OpenKBP patients in %s: using the converted cache %s (made from %s) as it is",
+        dataset_dir,
+        manifest.parent,
+        source,
+    )
     splits: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
         splits.setdefault(entry["split"], []).append(entry)

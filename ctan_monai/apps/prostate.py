@@ -31,6 +31,7 @@ from ctan_monai.data.dicom_rt import PROSTATE_ORGANS, convert_dicom_rt, load_syn
 from ctan_monai.data.slices import load_case
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
+from ctan_monai.utils.integrity import file_problem, file_record
 
 __all__ = [
     "BUNDLE_AXCODES",
@@ -143,6 +144,31 @@ def _source_stamp(dataset_dir: Path, settings: Mapping[str, Any], exclude: Path 
     return digest.hexdigest()
 
 
+def _cached_files(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The cache files of the manifest entries, relative to the cache folder."""
+    return [str(e[k]) for e in entries for k in ("image", "label", "dose", "dose_mask") if e.get(k)]
+
+
+def _output_records(cache_dir: Path, entries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Size and CRC-32 of every cache file of the entries, by path relative to ``cache_dir``."""
+    return {name: file_record(cache_dir / name) for name in _cached_files(entries)}
+
+
+def _cached_file_problem(cache_dir: Path, names: Sequence[str], outputs: Mapping[str, Any] | None) -> str | None:
+    """The first cache file that cannot be trusted, as ``"<file> <problem>"``, or None when all can.
+
+    ``outputs`` are the records written after the conversion; without them (an older cache) the gzip files are
+    decompressed to the end instead."""
+    for name in names:
+        record = outputs.get(name) if isinstance(outputs, Mapping) else None
+        if isinstance(outputs, Mapping) and record is None:
+            return f"{cache_dir / name} has no integrity record"
+        problem = file_problem(cache_dir / name, record)
+        if problem is not None:
+            return f"{cache_dir / name} {problem}"
+    return None
+
+
 @contextlib.contextmanager
 def _rank_zero_first() -> Iterator[None]:
     """Under torch.distributed, let rank 0 write the demo and the cache while the other ranks wait, then read it."""
@@ -180,21 +206,26 @@ def _convert(
     require_dose: bool,
     skip_bad_cases: bool,
 ) -> list[dict[str, Any]]:
-    """Convert once: reuse the cache's manifest while the source files and the settings are unchanged."""
+    """Convert once: reuse the cache's manifest while the source files and the settings are unchanged and every
+    cached file has the size and CRC-32 recorded after the conversion (else convert again, naming the bad file)."""
     settings = {"organs": list(organs), "synonyms": synonyms, "require_dose": require_dose, "skip": skip_bad_cases}
     stamp = _source_stamp(dataset_dir, settings, exclude=cache_dir)
     prepared, manifest_path = cache_dir / _PREPARED, cache_dir / "manifest.json"
     if prepared.is_file() and manifest_path.is_file():
         try:
-            cached = json.loads(prepared.read_text(encoding="utf-8")).get("stamp")
+            record = json.loads(prepared.read_text(encoding="utf-8"))
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except ValueError:
-            cached, manifest = None, {}
-        entries = manifest.get("cases", [])
-        files = [cache_dir / e[k] for e in entries for k in ("image", "label", "dose", "dose_mask") if e.get(k)]
-        if cached == stamp and entries and all(f.is_file() for f in files):
-            logger.info("DICOM-RT cache %s is up to date (%d cases)", cache_dir, len(entries))
-            return entries
+            record, manifest = {}, {}
+        entries = manifest.get("cases", []) if isinstance(manifest, Mapping) else []
+        if isinstance(record, Mapping) and record.get("stamp") == stamp and entries:
+            problem = _cached_file_problem(cache_dir, _cached_files(entries), record.get("outputs"))
+            if problem is None:
+                if record.get("outputs") is None:  # a cache from before the records: checked, now recorded
+                    atomic_write_json(prepared, {**record, "outputs": _output_records(cache_dir, entries)})
+                logger.info("DICOM-RT cache %s is up to date (%d cases)", cache_dir, len(entries))
+                return entries
+            logger.warning("DICOM-RT cache %s: %s; converting the studies again", cache_dir, problem)
     logger.info("converting the DICOM-RT studies of %s to %s", dataset_dir, cache_dir)
     prepared.unlink(missing_ok=True)  # invalid until the new conversion has finished
     try:
@@ -208,7 +239,8 @@ def _convert(
         logger.warning("conversion: %s", problem)
     for problem in result.report.problems:
         logger.warning("conversion skipped: %s", problem)
-    atomic_write_json(prepared, {"stamp": stamp, "source": str(dataset_dir)})
+    outputs = _output_records(cache_dir, result.entries)
+    atomic_write_json(prepared, {"stamp": stamp, "source": str(dataset_dir), "outputs": outputs})
     return result.entries
 
 
@@ -317,7 +349,9 @@ def prepare_prostate(
     axcodes: str = BUNDLE_AXCODES,
 ) -> dict[str, list[dict[str, Any]]]:
     """Make DICOM-RT prostate data ready for training: convert every study once to the NIfTI cache (reused while the
-    DICOM files and settings are unchanged), split the patients, and return the manifest entries per split.
+    DICOM files and settings are unchanged and every cached file has the size and CRC-32 recorded after the
+    conversion; a missing, truncated or corrupt cached file is named in the log and the studies are converted
+    again), split the patients, and return the manifest entries per split.
 
     Args:
         dataset_dir: a folder tree of DICOM files (CT series, RTSTRUCT, RTDOSE per patient; any layout).

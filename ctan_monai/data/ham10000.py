@@ -534,7 +534,8 @@ def split_by_lesion(
         fractions: share of the lesions of each class per split; non-negative, summing to 1.
         seed: seed of the shuffle.
         split_file: when given, the split is written there (JSON, atomically) for auditing and re-use with
-            :func:`load_split`: seed, fractions, class counts and the entries, paths relative to ``dataset_dir``.
+            :func:`load_split`: seed, fractions, class counts, the entries (paths relative to ``dataset_dir``) and
+            the size and modification time of every file (``file_stats``, for :func:`prepare_splits`' re-check).
         names: split names; default ``("training", "validation", "test")`` cut to ``len(fractions)``.
         dataset_dir: the folder the written paths are relative to; default: the common folder of all paths.
 
@@ -615,7 +616,25 @@ def _write_split(
     }
     for name, entries in splits.items():
         document[name] = [{**e, **{k: relative(e[k]) for k in ("image", "seg") if k in e}} for e in entries]
+    # size and modification time of every file when the split was written: a later run re-checks the files that
+    # changed (e.g. truncated by a failed copy) before training on them
+    document["file_stats"] = {
+        relative(e[k]): stat
+        for entries in splits.values()
+        for e in entries
+        for k in ("image", "seg")
+        if k in e and (stat := _file_stat(e[k])) is not None
+    }
     atomic_write_json(split_file, document)
+
+
+def _file_stat(path: Any) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, or None when it cannot be stat'ed."""
+    try:
+        stat = os.stat(str(path))
+    except OSError:
+        return None
+    return [int(stat.st_size), int(stat.st_mtime_ns)]
 
 
 def load_split(
@@ -683,6 +702,14 @@ def prepare_splits(
     Meant for bundle configs, e.g. ``"$ctan_monai.data.ham10000.prepare_splits(@dataset_dir, @split_file,
     split='training')"``: the first run writes the split, later runs (and the evaluation) read the same one.
 
+    A split that is read is re-checked against the dataset as it is now, cheaply, before anything trains on it: the
+    metadata CSV is read again (the diagnoses of the split's images are taken from it: a ``dx`` corrected after the
+    split is used, with a warning naming the image; an image no longer listed or moved to another lesion is a
+    problem), every file must exist, and the files whose size or modification time differ from those recorded
+    with the split are decoded again (a truncated image is a problem, not a traceback in the first iteration).
+    When something was re-checked or corrected and all is well, the split file is rewritten with the current
+    diagnoses, class counts and file times (its lesion assignment never changes).
+
     Args:
         dataset_dir: the dataset folder.
         split_file: where the split is (or will be) written.
@@ -698,7 +725,10 @@ def prepare_splits(
     Raises:
         ValueError: when an existing split file was made with another seed or other fractions (it is never
             overwritten silently: delete it or choose another path).
-        DatasetValidationError: when the dataset has problems (see :func:`build_datalist`).
+        DatasetValidationError: when the dataset has problems (see :func:`build_datalist`), or, for an existing
+            split, when its images are no longer listed in the CSV, changed lesion, are missing, truncated or
+            corrupt (with ``skip_bad`` those images are left out and logged instead, unless a problem belongs to no
+            image).
 
     Example:
         >>> val = prepare_splits("/data/HAM10000", "runs/splits.json", split="validation")  # doctest: +SKIP
@@ -713,13 +743,117 @@ def prepare_splits(
                 f"{path}: existing split was made with seed={recorded.get('seed')}, fractions="
                 f"{recorded.get('fractions')}, not seed={seed}, fractions={wanted}; delete it or use another path"
             )
-        return load_split(path, split, dataset_dir=find_dataset_dir(dataset_dir))
+        root = find_dataset_dir(dataset_dir)
+        splits = load_split(path, dataset_dir=root, check_files=False)
+        splits = _recheck_split(path, recorded, splits, root, deep, skip_bad)
+        return splits if split is None else splits[split]
     datalist = build_datalist(dataset_dir, deep=deep, skip_bad=skip_bad)
     splits = split_by_lesion(
         datalist, [float(f) for f in fractions], seed, split_file=path, dataset_dir=find_dataset_dir(dataset_dir)
     )
     logger.info("HAM10000 split written to %s:\n%s", path, class_count_table(splits))
     return splits if split is None else splits[split]
+
+
+def _recheck_split(
+    path: Path,
+    document: Mapping[str, Any],
+    splits: dict[str, list[dict[str, Any]]],
+    dataset_dir: Path,
+    deep: bool,
+    skip_bad: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """Re-check a split read from ``path`` against the dataset as it is now (see :func:`prepare_splits`)."""
+    report = ValidationReport(dataset=f"HAM10000 at {dataset_dir}, split {path}")
+    metadata_path = dataset_dir / METADATA_FILE
+    scan = ValidationReport(dataset=report.dataset)
+    current = {e["image_id"]: e for e in _scan_cases(dataset_dir, scan, METADATA_FILE, None, MASK_DIR)}
+    in_split = {e["image_id"] for entries in splits.values() for e in entries}
+    # problems of the CSV that concern the split's images or the whole dataset; other rows are not trained on
+    report.problems.extend(p for p in scan.problems if p.case is None or p.case in in_split)
+    recorded_stats = document.get("file_stats") or {}
+    base = Path(document.get("dataset_dir") or dataset_dir)
+    stale: list[Mapping[str, Any]] = []
+    relabelled: list[str] = []
+    for entries in splits.values():
+        for entry in entries:
+            image_id = entry["image_id"]
+            now = current.get(image_id)
+            if now is None:
+                report.add(
+                    str(metadata_path),
+                    f"image in the split file but no longer listed in {METADATA_FILE}; delete {path} to split again",
+                    image_id,
+                )
+                continue
+            if now["lesion_id"] != entry["lesion_id"]:
+                report.add(
+                    str(metadata_path),
+                    f"lesion_id is {now['lesion_id']!r} in {METADATA_FILE} but {entry['lesion_id']!r} in the split "
+                    f"file: the split's lesion grouping no longer holds; delete {path} to split again",
+                    image_id,
+                )
+            if now["dx"] >= 0 and now["dx"] != int(entry["dx"]):
+                relabelled.append(
+                    f"{image_id}: dx {HAM10000_CLASSES[int(entry['dx'])]} in the split file, "
+                    f"{HAM10000_CLASSES[now['dx']]} in {METADATA_FILE} (used)"
+                )
+                entry["dx"] = now["dx"]
+            changed = False
+            for key in ("image", "seg"):
+                if not os.path.isfile(entry[key]):
+                    report.add(entry[key], f"file listed in {path.name} not found", image_id)
+                    continue
+                recorded = recorded_stats.get(_relative_to(entry[key], dataset_dir)) or recorded_stats.get(
+                    _relative_to(entry[key], base)
+                )
+                changed |= recorded is None or list(recorded) != _file_stat(entry[key])
+            if changed:
+                stale.append({"image": Path(entry["image"]), "seg": Path(entry["seg"]), "image_id": image_id})
+    if stale:
+        workers = min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for entry, problems in zip(stale, pool.map(functools.partial(_check_files, deep=deep), stale)):
+                for file, message in problems:
+                    report.add(file, f"{message} (changed since the split was made)", entry["image_id"])
+    if relabelled:
+        logger.warning(
+            "%s: %d image(s) have another diagnosis in the metadata CSV than in the split file; the CSV's is used:\n%s",
+            path,
+            len(relabelled),
+            "\n".join(f"  - {line}" for line in relabelled),
+        )
+    unused = [image_id for image_id in current if image_id not in in_split]
+    if unused:
+        logger.warning(
+            "%s: %d image(s) of %s are not in the split (added after it was made, or left out as bad), e.g. %s; they "
+            "are not used: delete the split file to split again with them",
+            path,
+            len(unused),
+            METADATA_FILE,
+            unused[:5],
+        )
+    if report.problems and (not skip_bad or any(p.case is None for p in report.problems)):
+        report.raise_if_problems()
+    if report.problems:
+        bad = set(report.bad_cases())
+        logger.warning(
+            "%s: skipping %d image(s) of the split with problems:\n%s",
+            report.dataset,
+            len(bad),
+            "\n".join(f"  - {p}" for p in report.problems),
+        )
+        return {name: [e for e in entries if e["image_id"] not in bad] for name, entries in splits.items()}
+    if stale or relabelled:
+        fractions = {name: float(f) for name, f in document["fractions"].items()}
+        _write_split(path, splits, fractions, int(document["seed"]), dataset_dir)
+    return splits
+
+
+def _relative_to(path: str, base: Path) -> str:
+    """``path`` relative to ``base`` as :func:`_write_split` writes it (absolute when outside ``base``)."""
+    path, root = os.path.abspath(path), os.path.abspath(base)
+    return os.path.relpath(path, root) if os.path.commonpath([root, path]) == root else path
 
 
 def class_counts(datalist: Sequence[Mapping[str, Any]]) -> dict[str, int]:

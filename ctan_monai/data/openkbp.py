@@ -18,13 +18,16 @@ On-disk format, as the challenge publishes it (``provided-data/<split>/pt_<n>/``
 
 - ``voxel_dimensions.csv``: three numbers (no header), the voxel size in mm along axes 0, 1, 2.
 - CT grey values mix 12- and 16-bit encodings; as the publishers recommend, the reader clips them to 0..4095
-  (air near 0, soft tissue about 1000-1100).
+  (air near 0, soft tissue about 1000-1100). A negative value is an error, not clipped: it means the file holds
+  Hounsfield units (air -1000), which clipping would turn into air.
 
 Decisions documented here:
 
 - Dose above 0 outside ``possible_dose_mask`` is reported as an ``OpenKBPDataWarning`` (not an error): the dose loss,
   the dose score and the DVH score only use voxels inside the mask, so such a dose does not change training or
   evaluation; it is still a sign of inconsistent files, so it is reported. (The 50 real patients have none.)
+- A dose above ``MAX_PLAUSIBLE_DOSE_GY`` (150 Gy) is an error: no head-and-neck plan comes near it (the real
+  patients' maxima are 50-100 Gy), and a dose in cGy or mGy would otherwise train a network 100 or 1000 times off.
 - A file that does not end with a newline is an error: the publishers' files and this module's writer always end
   with one, and a file cut short usually ends inside a row, whose last index or value would be silently wrong.
 - The NIfTI cache keeps the array exactly as above (no transpose), with an affine that maps it to RAS world
@@ -52,7 +55,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ctan_monai.data.validation import DataProblem, DatasetValidationError, ValidationReport
+from ctan_monai.data.validation import (
+    MAX_PLAUSIBLE_DOSE_GY,
+    DataProblem,
+    DatasetValidationError,
+    ValidationReport,
+    implausible_dose_problem,
+)
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -68,6 +77,7 @@ __all__ = [
     "OpenKBPDataWarning",
     "OpenKBPPatient",
     "build_datalist",
+    "check_cache",
     "convert_dataset",
     "find_patient_folders",
     "label_map_from_structures",
@@ -246,8 +256,11 @@ def _check_indices(column: pd.Series, n_voxels: int, grid_text: str) -> tuple[np
     return indices, problems
 
 
-def _check_values(column: pd.Series, kind: str) -> tuple[np.ndarray | None, list[str]]:
-    """The value column (None for masks) and its problems: masks must be empty, values finite (dose not negative)."""
+def _check_values(
+    column: pd.Series, kind: str, max_dose_gy: float | None = None
+) -> tuple[np.ndarray | None, list[str]]:
+    """The value column (None for masks) and its problems: masks must be empty, values finite (dose not negative nor
+    above ``max_dose_gy`` when given, CT not negative)."""
     values, empty, bad = _parse_column(column)
     if kind == "mask":
         if empty.all():
@@ -265,18 +278,31 @@ def _check_values(column: pd.Series, kind: str) -> tuple[np.ndarray | None, list
     negative = values < 0
     if kind == "dose" and negative.any():
         problems.append(f"negative dose values (Gy): {_describe_lines(np.flatnonzero(negative), column)}")
+    if kind == "ct" and negative.any():
+        problems.append(
+            f"{int(negative.sum())} negative CT value(s) (min {float(np.nanmin(values)):g}; "
+            f"{_describe_lines(np.flatnonzero(negative), column)}): OpenKBP CT values are CT numbers 0..4095 (air near "
+            "0, soft tissue about 1000-1100); negative values mean the file holds Hounsfield units (air -1000). Shift "
+            "them by the scanner's offset (e.g. +1024) so that air is near 0; they would otherwise be clipped to 0"
+        )
+    finite = np.isfinite(values)
+    if kind == "dose" and max_dose_gy is not None and finite.any():
+        implausible = finite & (values > max_dose_gy)
+        problem = implausible_dose_problem(float(values[finite].max()), max_dose_gy)
+        if problem:
+            problems.append(f"{problem} ({_describe_lines(np.flatnonzero(implausible), column)})")
     return values, problems
 
 
 def _parse_sparse_csv(
-    path: Path, n_voxels: int, kind: str, grid_text: str
+    path: Path, n_voxels: int, kind: str, grid_text: str, max_dose_gy: float | None = None
 ) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
     """Parse one sparse CSV and check it; returns ``(indices, values or None, problems)``."""
     table, problems = _read_table(path)
     if table is None:
         return None, None, problems
     indices, index_problems = _check_indices(table["index"], n_voxels, grid_text)
-    values, value_problems = _check_values(table["data"], kind)
+    values, value_problems = _check_values(table["data"], kind, max_dose_gy)
     return indices, values, problems + index_problems + value_problems
 
 
@@ -292,8 +318,9 @@ def read_sparse_csv(
     Args:
         path: the CSV file.
         grid_shape: the grid the flat indices refer to.
-        kind: ``"values"`` (e.g. ``ct.csv``), ``"dose"`` (values, and none may be negative) or ``"mask"`` (the data
-            column must be empty).
+        kind: ``"values"``, ``"ct"`` (values, none negative: OpenKBP CT numbers are 0..4095, negative ones are
+            Hounsfield units), ``"dose"`` (values, none negative; the plausibility of a patient's dose is checked by
+            :func:`read_patient`) or ``"mask"`` (the data column must be empty).
 
     Returns:
         ``(flat_indices int64, values float64 or None for masks)``, in file order.
@@ -301,7 +328,7 @@ def read_sparse_csv(
     Raises:
         DatasetValidationError: listing every problem of the file (bad header, unparsable rows, indices outside the
             grid or repeated, missing / NaN / infinite / negative values, a truncated last line).
-        ValueError: when ``kind`` is not one of the three.
+        ValueError: when ``kind`` is not one of the four.
 
     Example:
         >>> import tempfile, pathlib
@@ -310,8 +337,8 @@ def read_sparse_csv(
         >>> read_sparse_csv(f, (2, 2, 2), kind="dose")[1].tolist()
         [1.5, 2.0]
     """
-    if kind not in ("values", "dose", "mask"):
-        raise ValueError(f"kind must be 'values', 'dose' or 'mask', got {kind!r}")
+    if kind not in ("values", "ct", "dose", "mask"):
+        raise ValueError(f"kind must be 'values', 'ct', 'dose' or 'mask', got {kind!r}")
     path = Path(path)
     indices, values, problems = _parse_sparse_csv(path, int(np.prod(grid_shape)), kind, _grid_text(grid_shape))
     if problems:
@@ -387,7 +414,7 @@ def _read_patient_checked(
             if required:
                 problems.append(DataProblem(str(path), f"missing {name} (a required file of an OpenKBP patient)", case))
             return None
-        indices, values, file_problems = _parse_sparse_csv(path, n_voxels, kind, grid_text)
+        indices, values, file_problems = _parse_sparse_csv(path, n_voxels, kind, grid_text, MAX_PLAUSIBLE_DOSE_GY)
         problems.extend(DataProblem(str(path), p, case) for p in file_problems)
         if file_problems:
             return None
@@ -395,7 +422,7 @@ def _read_patient_checked(
         flat[indices] = True if values is None else values
         return flat.reshape(grid_shape)
 
-    ct = volume("ct.csv", "values", True, np.float32)
+    ct = volume("ct.csv", "ct", True, np.float32)
     dose = volume("dose.csv", "dose", require_dose, np.float32)
     possible = volume("possible_dose_mask.csv", "mask", True, bool)
     masks = {}
@@ -448,7 +475,8 @@ def read_patient(
         DatasetValidationError: listing every problem, each naming its file: missing ``ct.csv`` /
             ``possible_dose_mask.csv`` / ``voxel_dimensions.csv`` (or ``dose.csv`` with ``require_dose``), a wrong
             header, unparsable rows, indices outside the grid or repeated, NaN / infinite / missing values, negative
-            dose, a truncated last line.
+            dose, a dose above ``MAX_PLAUSIBLE_DOSE_GY`` (cGy or mGy instead of Gy), negative CT values (Hounsfield
+            units instead of CT numbers), a truncated last line.
         ValueError: when ``structures`` names a structure the format does not define.
 
     Warns:
@@ -766,8 +794,9 @@ def convert_dataset(
     ``dose.nii.gz`` (float32 Gy; absent for patients without dose), ``dose_mask.nii.gz`` (uint8 possible-dose mask)
     and a marker written last with the source files' sizes and modification times and the outputs' CRC-32. A patient
     whose marker matches is skipped; a changed source, other settings, or a missing / corrupt output redoes it.
-    ``cache_dir/manifest.json`` (written atomically) holds ``structures``, ``label_names``, one list of entries per
-    split (paths relative to ``cache_dir``) and ``skipped`` cases.
+    ``cache_dir/manifest.json`` (written atomically) holds ``structures``, ``label_names``, ``source_dir`` (the
+    folder converted, resolved), one list of entries per split (paths relative to ``cache_dir``) and ``skipped``
+    cases.
 
     Args:
         src_dir: anything ``find_patient_folders`` accepts (e.g. the ``provided-data`` folder).
@@ -829,11 +858,65 @@ def convert_dataset(
         "label_names": ["background", *names],
         "grid_shape": list(shape),
         "orientation": "array axes [row A->P, column R->L, slice S->I]; affine in RAS mm; axial slice axis 2",
+        "source_dir": str(Path(src_dir).resolve()),
         **by_split,
         "skipped": [{"case": p.case, "file": p.file, "message": p.message} for p in problems],
     }
     atomic_write_json(cache / MANIFEST_NAME, manifest)
     return [_absolute(entry, cache) for split in by_split for entry in by_split[split]]
+
+
+def check_cache(path: str | os.PathLike[str]) -> ValidationReport:
+    """Check a converted cache on its own (without the CSVs it was made from): every file of every entry must exist
+    and have the CRC-32 that its patient's conversion marker recorded.
+
+    Args:
+        path: the manifest file or the cache folder that holds ``manifest.json``.
+
+    Returns:
+        the report: a problem per missing, truncated or corrupt file and per entry without a readable marker;
+        ``valid_cases`` lists the patients whose files are intact.
+
+    Raises:
+        FileNotFoundError: when there is no manifest.
+        ValueError: when the file is not a ``convert_dataset`` manifest.
+
+    Example:
+        >>> check_cache("cache/openkbp").raise_if_problems()  # doctest: +SKIP
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / MANIFEST_NAME
+    report = ValidationReport(dataset=f"OpenKBP cache {file.parent}")
+    for entry in load_manifest(file):
+        case = str(entry["case_id"])
+        marker_path = file.parent / str(entry["split"]) / case / _MARKER_NAME
+        try:
+            outputs = json.loads(marker_path.read_text(encoding="utf-8"))["outputs"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            outputs = None
+            report.add(
+                str(marker_path),
+                f"conversion marker missing or unreadable ({type(err).__name__}): the patient's cached files cannot be "
+                "verified; convert it again from its CSVs",
+                case,
+            )
+        for key in ("image", "label", "dose", "dose_mask"):
+            if entry.get(key) is None:
+                continue
+            cached = Path(entry[key])
+            if not cached.is_file():
+                report.add(str(cached), f"{key} file is missing", case)
+            elif outputs is not None and cached.name in outputs and _file_crc(cached) != outputs[cached.name]:
+                report.add(
+                    str(cached),
+                    f"{key} file has another CRC-32 than when it was converted: truncated or corrupt; convert the "
+                    "patient again from its CSVs",
+                    case,
+                )
+        if case not in report.bad_cases():
+            report.valid_cases.append(case)
+    return report
 
 
 def load_manifest(path: str | os.PathLike[str], split: str | None = None) -> list[dict[str, Any]]:

@@ -5,6 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+__all__ = [
+    "MAX_PLAUSIBLE_DOSE_GY",
+    "DataProblem",
+    "DatasetValidationError",
+    "ValidationReport",
+    "implausible_dose_problem",
+]
+
+#: The highest dose (Gy) an external-beam plan's dose grid may reach: prescriptions stay below about 80 Gy and the
+#: maxima, stereotactic plans included, rarely exceed about 100 Gy; a maximum above this is taken as a unit error (a
+#: dose in cGy is 100 times, one in mGy 1000 times too high) rather than trained on. (Brachytherapy grids, whose
+#: dose near a source is far higher, need a higher limit.)
+MAX_PLAUSIBLE_DOSE_GY = 150.0
+
 
 @dataclass(frozen=True)
 class DataProblem:
@@ -74,3 +88,28 @@ class ValidationReport:
         """
         if self.problems:
             raise DatasetValidationError(self.problems, self.dataset)
+
+
+def implausible_dose_problem(max_dose_gy: float, limit_gy: float = MAX_PLAUSIBLE_DOSE_GY) -> str | None:
+    """The problem with a dose grid whose maximum is ``max_dose_gy`` Gy, or None when it is plausible.
+
+    Args:
+        max_dose_gy: the grid's maximum, read as Gy.
+        limit_gy: the highest plausible dose.
+
+    Returns:
+        words that follow the file name, with the value and the likely unit error; None at or below ``limit_gy``.
+
+    Example:
+        >>> implausible_dose_problem(70.0) is None
+        True
+        >>> implausible_dose_problem(7000.0)[:46]
+        'maximum dose 7000 Gy is above 150 Gy, far abov'
+    """
+    if max_dose_gy <= limit_gy:
+        return None
+    return (
+        f"maximum dose {max_dose_gy:.6g} Gy is above {limit_gy:g} Gy, far above any prescription: is the dose in cGy "
+        f"(divide by 100: {max_dose_gy / 100:.4g} Gy) or mGy (divide by 1000: {max_dose_gy / 1000:.4g} Gy)? Doses "
+        "must be in Gy"
+    )

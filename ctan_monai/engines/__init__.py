@@ -2,7 +2,15 @@
 trivial floors from the training split, figures."""
 
 from ctan_monai.engines.base import RunCollectorHandler, csv_text, figures_never_fail, write_csv, write_report
-from ctan_monai.engines.checkpoints import AtomicCheckpointSaver, BestModelFallback, BestModelSaver
+from ctan_monai.engines.checkpoints import (
+    AtomicCheckpointSaver,
+    BestModelFallback,
+    BestModelSaver,
+    CheckpointDirLockedError,
+    checkpoint_problem,
+    lock_checkpoint_dir,
+    release_checkpoint_dir,
+)
 from ctan_monai.engines.evaluation import CaseReference, VolumeEvaluationHandler, openkbp_dvh_structures
 from ctan_monai.engines.floors import VolumeFloor
 from ctan_monai.engines.handlers import (
@@ -32,6 +40,10 @@ __all__ = [
     "AtomicCheckpointSaver",
     "BestModelFallback",
     "BestModelSaver",
+    "CheckpointDirLockedError",
+    "checkpoint_problem",
+    "lock_checkpoint_dir",
+    "release_checkpoint_dir",
     "CaseReference",
     "ClassificationFloor",
     "ImageEvaluationHandler",

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-import zipfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
+from ctan_monai.engines.checkpoints import (
+    LOCK_FILENAME,
+    checkpoint_problem,
+    lock_checkpoint_dir,
+    release_checkpoint_dir,
+    remove_orphan_files,
+)
 from ctan_monai.losses import MultiTaskLoss
 
 __all__ = [
@@ -26,7 +35,7 @@ __all__ = [
     "latest_checkpoint",
 ]
 
-_EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+_EPOCH_RE = re.compile(r"^(?!\.).*checkpoint_epoch=(\d+)\.pt$")  # not the hidden temporary files of a save
 
 
 class TaskWeightingHandler:
@@ -69,43 +78,63 @@ class TaskWeightingHandler:
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
-    """The readable ``checkpoint_epoch=N.pt`` file with the largest N in a folder, or None.
+    """The usable ``checkpoint_epoch=N.pt`` file with the largest N in a folder, or None.
 
-    A file that is not a complete archive (a write cut short by a kill, with a saver that is not atomic) is skipped
-    with a warning, so a resume falls back to the previous epoch instead of failing on it.
+    Every candidate is verified (:func:`ctan_monai.engines.checkpoints.checkpoint_problem`: a complete zip archive
+    whose every member matches its CRC): a file cut short by a kill, or with bytes changed on disk, is skipped with a
+    warning naming it and why, and the previous epoch's file is taken instead.
 
     Args:
         checkpoint_dir: the folder (need not exist).
 
     Returns:
         the path, or None when there is none.
+
+    Example:
+        >>> latest_checkpoint("/nonexistent") is None
+        True
     """
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return None
     found = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_RE.search(p.name))), reverse=True)
     for _, path in found:
-        if zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one has no central directory
+        problem = checkpoint_problem(path)
+        if problem is None:
             return str(path)
-        logging.getLogger("ctan_monai.resume").warning("%s is incomplete (interrupted write?): skipped", path)
+        logging.getLogger("ctan_monai.resume").warning(
+            "checkpoint %s is unusable, %s: skipped (falling back to the previous one)", path, problem
+        )
     return None
 
 
 class ResumeFromLatestCheckpoint:
-    """When training starts, load the latest ``checkpoint_epoch=N.pt`` of ``checkpoint_dir`` if there is one:
+    """When training starts, load the latest usable ``checkpoint_epoch=N.pt`` of ``checkpoint_dir`` if there is one:
     model, optimiser, loss weighting state, trainer state (epoch and iteration), so that rerunning the same command
     after an interruption continues after epoch N instead of starting over. Does nothing on a fresh folder.
+
+    When attached (on the main process of a distributed run), it takes the folder's exclusive lock
+    (:func:`ctan_monai.engines.checkpoints.lock_checkpoint_dir`: a second training on the same output folder fails
+    at once, naming the first one's PID) and removes the temporary files of interrupted saves. It releases the lock
+    when the run completes. A folder that holds files but no usable checkpoint (all truncated or corrupt) is
+    reported with a WARNING naming it: the run starts from epoch 0.
 
     Args:
         checkpoint_dir: where ``CheckpointSaver`` writes the epoch checkpoints.
         load_dict: the objects to restore, as saved (e.g. ``{"model": net, "optimizer": opt, "loss": loss,
             "trainer": trainer}``).
-        enabled: set False to always start from scratch.
+        enabled: set False to always start from scratch (the folder is still locked).
         map_location: passed to ``torch.load``.
 
     Raises:
+        CheckpointDirLockedError: (when attached) another process holds the folder's lock.
         RuntimeError: (from the loader) when the checkpoint does not fit the objects, e.g. another architecture
             was trained in the same folder.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(1, 1)
+        >>> resume = ResumeFromLatestCheckpoint("/tmp/ckpt", {"model": net})
     """
 
     def __init__(
@@ -121,18 +150,55 @@ class ResumeFromLatestCheckpoint:
         self.map_location = map_location
         self.logger = logging.getLogger("ctan_monai.resume")
         self.resumed_from: str | None = None
+        self.orphans_removed: list[str] = []
+
+    @staticmethod
+    def _is_main() -> bool:
+        return idist.get_rank() == 0
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``STARTED``."""
+        """Lock the folder and remove orphan temporary files; register on ``STARTED`` (resume) and ``COMPLETED``
+        (release the lock).
+
+        Raises:
+            CheckpointDirLockedError: another process holds the folder's lock.
+        """
+        if self._is_main():
+            lock_checkpoint_dir(self.checkpoint_dir)
+            self.orphans_removed = remove_orphan_files(self.checkpoint_dir)
         engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.COMPLETED, self.release)
+
+    def release(self, engine: Engine | None = None) -> None:
+        """Release the folder's lock (the process's end releases it too)."""
+        if self._is_main():
+            release_checkpoint_dir(self.checkpoint_dir)
 
     def __call__(self, engine: Engine) -> None:
+        if self._is_main():
+            lock_checkpoint_dir(self.checkpoint_dir)  # a no-op when attached; again for an engine run twice
         path = latest_checkpoint(self.checkpoint_dir) if self.enabled else None
         if path is None:
+            if self.enabled:
+                self._warn_if_unusable()
             return
         CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location)(engine)
         self.resumed_from = path
         self.logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
+
+    def _warn_if_unusable(self) -> None:
+        folder = Path(self.checkpoint_dir)
+        files = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILENAME) if folder.is_dir() else []
+        orphans = [f"{name} (removed: an interrupted save)" for name in self.orphans_removed]
+        found = files + orphans
+        if found:
+            self.logger.warning(
+                "checkpoint folder %s has NO USABLE CHECKPOINT, though it held %d file(s): %s. Training starts from "
+                "epoch 0, not resumed",
+                folder,
+                len(found),
+                ", ".join(found[:10]) + (", ..." if len(found) > 10 else ""),
+            )
 
 
 class TerminateOnNaNHandler:
@@ -191,6 +257,13 @@ class MetricsHistoryHandler:
     draws each one as a dashed ``floor`` line in the panel of its metric (``val_floor_mean_dice`` in
     ``val_mean_dice``), not as a panel of its own (:func:`ctan_monai.engines.figures.plot_learning_curves`).
 
+    History and figure never stop training or its checkpoints: the file is read when training starts, and one that
+    cannot be read (not JSON, or not ``{metric: [[epoch, value], ...]}``) is moved aside to
+    ``metrics_history.json.corrupt-<YYYYmmdd-HHMMSS>`` with a warning (the history restarts); an error while
+    recording, writing or drawing is logged as a warning, not raised. Points from the current epoch on (left by a
+    run killed after recording an epoch but before its checkpoint) are replaced when that epoch is rerun, and the
+    temporary files of an interrupted write of either file are removed at the start.
+
     Args:
         output_dir: folder for the two files.
         evaluator: the validation engine, whose metrics are recorded when it ran in that epoch.
@@ -203,36 +276,129 @@ class MetricsHistoryHandler:
         self.output_dir = Path(output_dir)
         self.evaluator = evaluator
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self.logger = logging.getLogger("ctan_monai.history")
+        self._loaded = False
+
+    @property
+    def path(self) -> Path:
+        """The history file."""
+        return self.output_dir / "metrics_history.json"
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``EPOCH_COMPLETED`` (attach after the validation handler)."""
+        """Register on ``STARTED`` (read the history) and ``EPOCH_COMPLETED`` (attach after the validation handler)."""
+        engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
-    def __call__(self, engine: Engine) -> None:
-        import json
+    def load(self, engine: Engine | None = None) -> dict[str, list[tuple[int, float]]]:
+        """Read the history file, if any; move an unreadable one aside with a warning. Never raises.
 
-        from ctan_monai.engines.figures import plot_learning_curves
+        Args:
+            engine: unused (an Ignite handler's argument).
+
+        Returns:
+            the history (empty for a missing or unreadable file).
+        """
+        self._loaded = True
+        self.history = {}
+        path = self.path
+        self._remove_orphans()
+        try:
+            if not path.is_file():
+                return self.history
+            self.history = _parse_history(json.loads(path.read_text(encoding="utf-8")))
+        except Exception as error:  # noqa: BLE001 - a bad history must never block training
+            self.history = {}
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                os.replace(path, aside)
+                where = f"moved aside to {aside}"
+            except OSError as move_error:
+                where = f"could not be moved aside ({move_error}); it will be overwritten"
+            self.logger.warning(
+                "metrics history %s is unreadable (%s: %s): %s; the history restarts with this run's epochs",
+                path,
+                type(error).__name__,
+                error,
+                where,
+            )
+        return self.history
+
+    def _remove_orphans(self) -> None:
+        """Remove the temporary files of a write of the history or the figure that a kill interrupted."""
+        pattern = re.compile(r"\.(?:metrics_history\.json|learning_curves\.png)\.[a-z0-9_]{8}\.part\.(?:json|png)")
+        try:
+            for file in self.output_dir.iterdir() if self.output_dir.is_dir() else []:
+                if pattern.fullmatch(file.name):
+                    file.unlink(missing_ok=True)
+                    self.logger.info("removed %s (an interrupted write)", file)
+        except OSError as error:
+            self.logger.warning("could not clean %s of interrupted writes: %s", self.output_dir, error)
+
+    def __call__(self, engine: Engine) -> None:
+        try:
+            self._record(engine)
+        except Exception as error:  # noqa: BLE001 - history and plots must never block training or checkpoints
+            self.logger.warning(
+                "metrics history of epoch %s not recorded (%s: %s); training goes on",
+                getattr(engine.state, "epoch", "?"),
+                type(error).__name__,
+                error,
+            )
+            self.logger.debug("metrics history failure", exc_info=True)
+            return
+        try:
+            from ctan_monai.engines.figures import plot_learning_curves
+
+            plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
+        except Exception as error:  # noqa: BLE001 - a figure is never worth a training
+            self.logger.warning("learning curves not drawn (%s: %s); training goes on", type(error).__name__, error)
+            self.logger.debug("learning curves failure", exc_info=True)
+
+    def _record(self, engine: Engine) -> None:
         from ctan_monai.utils.atomic import atomic_write_json
 
-        path = self.output_dir / "metrics_history.json"
-        if not self.history and path.is_file():
-            self.history = {k: [tuple(p) for p in v] for k, v in json.loads(path.read_text()).items()}
-        epoch = engine.state.epoch
+        if not self._loaded:
+            self.load()
+        epoch = int(engine.state.epoch)
         metrics = dict(engine.state.metrics)
         evaluated = self.evaluator is not None and getattr(self.evaluator.state, "iteration", 0) > 0
         if evaluated and self.evaluator.state.metrics and self._eval_ran_now(engine):
             metrics.update(self.evaluator.state.metrics)
+        for name in list(self.history):
+            self.history[name] = [p for p in self.history[name] if p[0] < epoch]
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
-                points = [p for p in self.history.setdefault(name, []) if p[0] != epoch]
-                self.history[name] = [*points, (epoch, float(value))]
-        atomic_write_json(path, self.history)
-        plot_learning_curves(self.history, self.output_dir / "learning_curves.png")
+                self.history.setdefault(name, []).append((epoch, float(value)))
+        self.history = {name: points for name, points in self.history.items() if points}
+        atomic_write_json(self.path, self.history)
 
     def _eval_ran_now(self, engine: Engine) -> bool:
         # The ValidationHandler runs the evaluator in this same EPOCH_COMPLETED event before us; MONAI's evaluator
         # sets its epoch to the trainer's epoch it ran for.
         return int(self.evaluator.state.epoch) == int(engine.state.epoch)
+
+
+def _parse_history(data: Any) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [[epoch, value], ...]}`` as read from JSON, checked.
+
+    Raises:
+        ValueError: when ``data`` does not have that shape.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"expected an object of metrics, got {type(data).__name__}")
+    history: dict[str, list[tuple[int, float]]] = {}
+    for name, points in data.items():
+        if not isinstance(points, list):
+            raise ValueError(f"{name!r}: expected a list of [epoch, value] points")
+        parsed = []
+        for point in points:
+            ok = isinstance(point, list) and len(point) == 2
+            epoch, value = (point[0], point[1]) if ok else (None, None)
+            if not ok or isinstance(epoch, bool) or not isinstance(epoch, int) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name!r}: bad point {point!r} (expected [epoch, value])")
+            parsed.append((epoch, float(value)))
+        history[name] = parsed
+    return history
 
 
 class KeyMetricHandler:

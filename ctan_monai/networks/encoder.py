@@ -4,6 +4,7 @@ P^j (output of the stage's last block), as MTAN and CTAN need them; ImageNet wei
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,9 +37,13 @@ class ResNetEncoder(nn.Module):
         spatial_dims: 2 or 3.
         in_channels: number of input channels.
         stem_stride: stride of the first convolution (2 as in torchvision; 1 as in MONAI's default ResNets).
+        input_windows: intensity windows ``(low, high)`` on the input's scale; each adds, per input channel, the
+            channel ``clip((x - low) / (high - low), 0, 1)`` before the first convolution (e.g. a CT soft-tissue
+            window: OpenKBP's parotids differ from muscle by under 2 % of the full 0..4095 range, a quarter of a
+            -160..240 HU window). The network still takes ``in_channels`` channels; the windows are fixed, not learned.
 
     Raises:
-        ValueError: for an unknown backbone or unsupported ``spatial_dims``.
+        ValueError: for an unknown backbone or unsupported ``spatial_dims``, or a window with ``high <= low``.
 
     Example:
         >>> enc = ResNetEncoder("resnet18", spatial_dims=2, in_channels=1)
@@ -47,7 +52,14 @@ class ResNetEncoder(nn.Module):
         [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
     """
 
-    def __init__(self, backbone: str = "resnet50", spatial_dims: int = 2, in_channels: int = 3, stem_stride: int = 2):
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        stem_stride: int = 2,
+        input_windows: Sequence[Sequence[float]] = (),
+    ):
         super().__init__()
         if backbone not in RESNET_CONFIGS:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(RESNET_CONFIGS)}")
@@ -55,13 +67,17 @@ class ResNetEncoder(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        windows = [(float(w[0]), float(w[1])) for w in input_windows]
+        bad = [w for w in windows if not w[1] > w[0]]
+        if bad:
+            raise ValueError(f"input_windows must be (low, high) pairs with high > low, got {bad}")
         block, layers = RESNET_CONFIGS[backbone]
         resnet = ResNet(
             block=block,
             layers=list(layers),
             block_inplanes=list(_STAGE_PLANES),
             spatial_dims=spatial_dims,
-            n_input_channels=in_channels,
+            n_input_channels=in_channels * (1 + len(windows)),
             conv1_t_size=7,
             conv1_t_stride=stem_stride,
             shortcut_type="B",
@@ -71,6 +87,10 @@ class ResNetEncoder(nn.Module):
         self.backbone = backbone
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
+        self.input_windows = windows
+        # not persistent: the windows are part of the architecture (the config), like the layer widths
+        self.register_buffer("_window_low", torch.tensor([w[0] for w in windows]), persistent=False)
+        self.register_buffer("_window_width", torch.tensor([w[1] - w[0] for w in windows]), persistent=False)
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
         self.act = resnet.act
@@ -90,7 +110,7 @@ class ResNetEncoder(nn.Module):
             for the fine decoder blocks), then per stage U^j (the input of the stage's last block) and P^j (the
             stage's output).
         """
-        stem = self.act(self.bn1(self.conv1(x)))
+        stem = self.act(self.bn1(self.conv1(self.windowed(x))))
         x = self.maxpool(stem)
         us: list[torch.Tensor] = []
         ps: list[torch.Tensor] = []
@@ -102,6 +122,23 @@ class ResNetEncoder(nn.Module):
             us.append(u)
             ps.append(x)
         return stem, us, ps
+
+    def windowed(self, x: torch.Tensor) -> torch.Tensor:
+        """The input followed by its windowed copies (``input_windows``), as the first convolution sees it.
+
+        Args:
+            x: images [B, in_channels, *spatial].
+
+        Returns:
+            ``[B, in_channels * (1 + len(input_windows)), *spatial]``; ``x`` itself without windows.
+        """
+        if not self.input_windows:
+            return x
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # window k applies to the k-th copy of the in_channels channels
+        low = self._window_low.to(x.dtype).repeat_interleave(x.shape[1]).view(shape)
+        width = self._window_width.to(x.dtype).repeat_interleave(x.shape[1]).view(shape)
+        copies = x.repeat((1, len(self.input_windows)) + (1,) * (x.dim() - 2))
+        return torch.cat([x, ((copies - low) / width).clamp(0.0, 1.0)], dim=1)
 
 
 @dataclass

@@ -67,6 +67,8 @@ class MultiTaskNet(nn.Module):
         fine_decoder_channels: widths of up to two up-sampling blocks that the pixel decoders add past the paper's
             three (to the stem's resolution with the stem feature as skip, then to the input's with the image as
             skip); empty (default) is the paper's decoder, whose head works at 1/4 of the input resolution.
+        input_windows: fixed intensity windows ``(low, high)`` whose clipped copies of the input join it before the
+            encoder's first convolution (see ``ResNetEncoder``); empty (default) is the paper's input.
     """
 
     def __init__(
@@ -82,13 +84,14 @@ class MultiTaskNet(nn.Module):
         dropout: float = 0.0,
         stem_stride: int = 2,
         fine_decoder_channels: Sequence[int] = (),
+        input_windows: Sequence[Sequence[float]] = (),
     ) -> None:
         super().__init__()
         self.task_specs = parse_tasks(tasks)
         self.task_names = [t.name for t in self.task_specs]
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
-        self.encoder = ResNetEncoder(backbone, spatial_dims, in_channels, stem_stride)
+        self.encoder = ResNetEncoder(backbone, spatial_dims, in_channels, stem_stride, input_windows)
         if pretrained_weights:
             self.weight_report = load_torchvision_resnet_weights(self.encoder, pretrained_weights)
         enc = self.encoder.out_channels
@@ -375,6 +378,7 @@ def build_network(
         "dropout",
         "stem_stride",
         "fine_decoder_channels",
+        "input_windows",
     }
     if key == "ctan":
         allowed |= ctan_only | attention_only

@@ -170,6 +170,21 @@ def _pick_rtdose(
     return None
 
 
+def _missing_ct_images(struct: RTStruct, ct_files: Sequence[DicomFile]) -> list[str]:
+    """The SOPInstanceUIDs the RTSTRUCT refers to as images of the chosen CT series that the series lacks.
+
+    Counted: the images its RTReferencedSeriesSequence lists for that series and, when it was drawn on that series
+    only (or names no series), the images its contours refer to that it lists under no other series.
+    """
+    series_uid = ct_files[0].series_uid
+    present = {f.sop_uid for f in ct_files}
+    expected = set(struct.series_images.get(series_uid, set()))
+    if struct.referenced_series <= {series_uid}:
+        elsewhere = set().union(*(v for k, v in struct.series_images.items() if k != series_uid))
+        expected |= struct.contour_images - elsewhere
+    return sorted(expected - present)
+
+
 def convert_study(
     study: DicomRTStudy,
     output_dir: str | os.PathLike[str],
@@ -192,7 +207,8 @@ def convert_study(
 
     Raises:
         CaseConversionError: listing every reason the study cannot be converted (missing modality, no ROI matching
-            any organ, mixed frames of reference, dose grid outside the CT, unreadable or irregular files).
+            any organ, mixed frames of reference, dose grid outside the CT, unreadable or irregular files, CT images
+            the RTSTRUCT refers to that the series lacks, NaN / negative / implausibly high dose).
 
     Example:
         >>> import tempfile
@@ -206,11 +222,26 @@ def convert_study(
         [1, 1]
     """
     case = study.case_id
-    problems: list[DataProblem] = []
+    problems: list[DataProblem] = [
+        DataProblem(p.file, f"{p.message}; it lies among this study's files (move it away if it is not one)", case)
+        for p in study.unreadable
+    ]
     warnings: list[DataProblem] = []
     struct, ct_files = _pick_rtstruct(study, problems, warnings)
     if struct is None:
         raise CaseConversionError(problems)
+    missing = _missing_ct_images(struct, ct_files)
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        problems.append(
+            DataProblem(
+                struct.path,
+                f"the RTSTRUCT refers to {len(missing)} image(s) of CT series {ct_files[0].series_uid} that the "
+                f"series lacks (it has {len(ct_files)} readable file(s)): SOPInstanceUID {listed}. A slice is missing "
+                "or unreadable, so the CT volume would not be the one the contours were drawn on",
+                case,
+            )
+        )
     ct_folder = str(ct_files[0].path.parent)
     ct_frames = sorted({f.frame_of_reference for f in ct_files})
     if len(ct_frames) != 1 or not ct_frames[0]:
@@ -332,7 +363,8 @@ def convert_dicom_rt(
     """Find every DICOM-RT study under ``input_dir`` and convert each to NIfTI (see the module docstring).
 
     Every study is tried; ``report.json`` lists every one that failed and why, and the warnings, before anything is
-    raised, so that one run shows all the problems of a dataset.
+    raised, so that one run shows all the problems of a dataset. A file that claims to be DICOM but cannot be read
+    fails the study whose folder holds it (when one study's files are there), else it is listed as a warning.
 
     Args:
         input_dir: folder tree of DICOM files (any layout, names and order).
@@ -365,9 +397,13 @@ def convert_dicom_rt(
     report = ValidationReport(dataset=f"DICOM-RT {input_dir}")
     warnings: list[DataProblem] = []
     entries: list[dict[str, Any]] = []
-    studies = find_studies(input_dir)
+    unreadable: list[DataProblem] = []
+    studies = find_studies(input_dir, unreadable)
     if not studies:
         report.add(str(input_dir), "no DICOM files found")
+    owned = {p.file for study in studies for p in study.unreadable}
+    # unreadable files that no single study's folder holds: reported, they cannot be assigned to a study
+    warnings.extend(p for p in unreadable if p.file not in owned)
     for study in studies:
         try:
             entry, case_warnings = convert_study(study, out, table, require_dose, body_threshold_hu)

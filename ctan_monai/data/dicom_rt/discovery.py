@@ -12,6 +12,8 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ctan_monai.data.validation import DataProblem
+
 __all__ = ["DicomFile", "DicomSeries", "DicomRTStudy", "scan_dicom_files", "find_studies"]
 
 # Only these tags are needed to group files; reading stops before the pixel data so a scan stays fast.
@@ -24,6 +26,8 @@ _HEADER_TAGS = [
     "FrameOfReferenceUID",
     "StudyDate",
 ]
+_DICM_PREFIX = b"DICM"
+_MEDIA_DIRECTORY_UID = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 
 
 @dataclass(frozen=True)
@@ -80,20 +84,40 @@ class DicomRTStudy:
         patient_id: PatientID.
         study_uid: StudyInstanceUID.
         series: its series, by SeriesInstanceUID.
+        unreadable: unreadable DICOM files in the folders of this study's files (and of no other study's).
     """
 
     case_id: str
     patient_id: str
     study_uid: str
     series: dict[str, DicomSeries] = field(default_factory=dict)
+    unreadable: list[DataProblem] = field(default_factory=list)
 
     def of_modality(self, modality: str) -> list[DicomSeries]:
         """The series of one modality (e.g. ``"CT"``), ordered by SeriesInstanceUID for determinism."""
         return sorted((s for s in self.series.values() if s.modality == modality), key=lambda s: s.series_uid)
 
 
-def _read_header(path: Path) -> DicomFile | None:
-    """The grouping tags of ``path``, or None when it is not a DICOM file (README, DICOMDIR, ...)."""
+def _looks_like_dicom(path: Path) -> bool:
+    """Whether a file claims to be DICOM: a ``.dcm`` name or the ``DICM`` prefix after the 128-byte preamble."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(128)
+            return stream.read(4) == _DICM_PREFIX
+    except OSError:
+        return False
+
+
+def _is_dicomdir(ds: pydicom.Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    return str(getattr(meta, "MediaStorageSOPClassUID", "") if meta is not None else "") == _MEDIA_DIRECTORY_UID
+
+
+def _read_header(path: Path) -> tuple[DicomFile | None, str | None]:
+    """The grouping tags of ``path``; ``(None, None)`` when it is not a DICOM instance (README, DICOMDIR, ...), and
+    ``(None, reason)`` when it claims to be DICOM (``.dcm`` name or ``DICM`` prefix) but cannot be read as one."""
     try:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
@@ -102,10 +126,19 @@ def _read_header(path: Path) -> DicomFile | None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds or "Modality" not in ds:
-        return None  # DICOMDIR and other non-instance files
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
+        if not _looks_like_dicom(path):
+            return None, None
+        return None, f"unreadable DICOM file: {type(err).__name__}: {str(err).strip()[:200]}"
+    lacking = [tag for tag in ("SOPInstanceUID", "SeriesInstanceUID", "Modality") if tag not in ds]
+    if lacking:
+        if _is_dicomdir(ds) or path.name.upper() == "DICOMDIR" or not _looks_like_dicom(path):
+            return None, None  # DICOMDIR and other non-instance files
+        size = path.stat().st_size
+        return None, (
+            f"unreadable DICOM file: lacks {', '.join(lacking)} ({size} bytes; truncated or corrupt header?), so it "
+            "cannot be assigned to a series"
+        )
     return DicomFile(
         path=path,
         patient_id=str(ds.get("PatientID", "") or ""),
@@ -115,14 +148,19 @@ def _read_header(path: Path) -> DicomFile | None:
         modality=str(ds.Modality).upper(),
         frame_of_reference=str(ds.get("FrameOfReferenceUID", "") or ""),
         study_date=str(ds.get("StudyDate", "") or ""),
-    )
+    ), None
 
 
-def scan_dicom_files(root: str | os.PathLike[str]) -> list[DicomFile]:
+def scan_dicom_files(root: str | os.PathLike[str], unreadable: list[DataProblem] | None = None) -> list[DicomFile]:
     """Read the grouping tags of every DICOM file under ``root`` (recursively); other files are ignored.
+
+    A file that claims to be DICOM (a ``.dcm`` name or the ``DICM`` prefix) but whose header cannot be read, or
+    lacks the UIDs that place it in a series, is not silently dropped: it is appended to ``unreadable`` (a corrupt
+    CT slice would otherwise just be missing from its series).
 
     Args:
         root: a folder.
+        unreadable: a list that receives one problem (file and reason) per unreadable DICOM file.
 
     Returns:
         one record per DICOM instance, sorted by path; a SOPInstanceUID seen twice (a copied file) is kept once.
@@ -141,9 +179,11 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> list[DicomFile]:
     found: dict[str, DicomFile] = {}
     for dirpath, _, names in os.walk(root):
         for name in sorted(names):
-            record = _read_header(Path(dirpath) / name)
+            record, problem = _read_header(Path(dirpath) / name)
             if record is not None:
                 found.setdefault(record.sop_uid, record)
+            elif problem is not None and unreadable is not None:
+                unreadable.append(DataProblem(str(Path(dirpath) / name), problem))
     return sorted(found.values(), key=lambda f: str(f.path))
 
 
@@ -151,14 +191,17 @@ def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "anonymous"
 
 
-def find_studies(root: str | os.PathLike[str]) -> list[DicomRTStudy]:
+def find_studies(root: str | os.PathLike[str], unreadable: list[DataProblem] | None = None) -> list[DicomRTStudy]:
     """Group the DICOM files under ``root`` into studies (PatientID + StudyInstanceUID) and series.
 
     Files may sit in any folder layout and order; a patient may arrive as several series (CT, RTSTRUCT, RTDOSE,
-    RTPLAN) in separate folders.
+    RTPLAN) in separate folders. An unreadable DICOM file (see :func:`scan_dicom_files`) in a folder that holds the
+    files of one study only is listed in that study's ``unreadable`` (it is probably one of its files); every
+    unreadable file is also appended to ``unreadable``.
 
     Args:
         root: a folder.
+        unreadable: a list that receives one problem (file and reason) per unreadable DICOM file.
 
     Returns:
         the studies, ordered by case id. ``case_id`` is the PatientID made file-name safe, with ``_study<k>`` appended
@@ -169,8 +212,9 @@ def find_studies(root: str | os.PathLike[str]) -> list[DicomRTStudy]:
         >>> find_studies(tempfile.mkdtemp())
         []
     """
+    bad: list[DataProblem] = []
     grouped: dict[tuple[str, str], list[DicomFile]] = defaultdict(list)
-    for record in scan_dicom_files(root):
+    for record in scan_dicom_files(root, bad):
         grouped[(record.patient_id, record.study_uid)].append(record)
     by_patient: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for patient_id, study_uid in grouped:
@@ -185,4 +229,17 @@ def find_studies(root: str | os.PathLike[str]) -> list[DicomRTStudy]:
                 series = study.series.setdefault(record.series_uid, DicomSeries(record.series_uid, record.modality))
                 series.files.append(record)
             studies.append(study)
+    folders: dict[Path, set[str]] = defaultdict(set)
+    for study in studies:
+        for series in study.series.values():
+            for record in series.files:
+                folders[record.path.parent].add(study.case_id)
+    by_case = {study.case_id: study for study in studies}
+    for problem in bad:
+        owners = folders.get(Path(problem.file).parent, set())
+        if len(owners) == 1:
+            owner = by_case[next(iter(owners))]
+            owner.unreadable.append(DataProblem(problem.file, problem.message, owner.case_id))
+    if unreadable is not None:
+        unreadable.extend(bad)
     return sorted(studies, key=lambda s: s.case_id)

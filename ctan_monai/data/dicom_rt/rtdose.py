@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ import SimpleITK as sitk  # noqa: N813 (the conventional SimpleITK alias)
 
 from ctan_monai.data.dicom_rt.ct_series import slice_geometry
 from ctan_monai.data.dicom_rt.pixels import pixel_array
+from ctan_monai.data.validation import MAX_PLAUSIBLE_DOSE_GY, implausible_dose_problem
 
 __all__ = ["DoseUnitsError", "read_rtdose", "resample_dose", "dose_support"]
 
@@ -32,23 +34,46 @@ def _frame_depths(ds: pydicom.Dataset, path: str | os.PathLike[str], n_frames: i
     return offsets + depth0 if offsets[0] == 0 else offsets
 
 
-def read_rtdose(path: str | os.PathLike[str], require_gy: bool = True) -> sitk.Image:
+def _dose_value_problems(values: np.ndarray, scaling: float, units: str, max_dose_gy: float | None) -> list[str]:
+    """What is wrong with the scaled dose values: non-finite, negative, or (in Gy) implausibly high."""
+    problems = []
+    finite = np.isfinite(values)
+    if not finite.all():
+        problems.append(f"{int((~finite).sum())} dose value(s) are NaN or infinite")
+    negative = finite & (values < 0)
+    if negative.any():
+        problems.append(f"{int(negative.sum())} negative dose value(s) (min {float(values[negative].min()):.6g})")
+    if units == "GY" and max_dose_gy is not None and finite.any():
+        highest = float(values[finite].max())
+        problem = implausible_dose_problem(highest, max_dose_gy)
+        if problem:
+            problems.append(f"{problem} (stored maximum {highest / scaling:.6g} x DoseGridScaling {scaling:g})")
+    return problems
+
+
+def read_rtdose(
+    path: str | os.PathLike[str], require_gy: bool = True, max_dose_gy: float | None = MAX_PLAUSIBLE_DOSE_GY
+) -> sitk.Image:
     """Read an RTDOSE file into a float32 volume, pixel values times DoseGridScaling.
 
     Frames are placed from ImagePositionPatient and GridFrameOffsetVector (relative offsets, the first being 0, or
     the older absolute form), in any order; an uneven frame spacing is resampled linearly onto an even one (the
-    smallest gap), since a SimpleITK image has one spacing per axis.
+    smallest gap), since a SimpleITK image has one spacing per axis. The scaled values are checked before anything
+    is built from them: finite, not negative and, in Gy, at most ``max_dose_gy`` (a grid in cGy or mGy, or a wrong
+    DoseGridScaling, would otherwise train a network 100 or 1000 times off).
 
     Args:
         path: the RTDOSE file.
         require_gy: raise unless DoseUnits is GY; with False a RELATIVE dose is read as scaled values.
+        max_dose_gy: the highest plausible dose in Gy (see ``MAX_PLAUSIBLE_DOSE_GY``); None skips that check.
 
     Returns:
         the dose volume in the LPS frame; its DoseUnits are in the image's metadata key ``"DoseUnits"``.
 
     Raises:
-        ValueError: naming the file for a missing or malformed tag (not an RTDOSE, no DoseGridScaling, frame
-            offsets not matching the frames).
+        ValueError: naming the file for a missing or malformed tag (not an RTDOSE, no DoseGridScaling or one that is
+            not a positive finite number, frame offsets not matching the frames), and for NaN, infinite or negative
+            dose values or a maximum above ``max_dose_gy`` Gy (the value and the likely cGy / mGy error named).
         DoseUnitsError: when ``require_gy`` and DoseUnits is not GY.
         DicomDecodeError: when compressed pixel data cannot be decoded.
 
@@ -66,9 +91,17 @@ def read_rtdose(path: str | os.PathLike[str], require_gy: bool = True) -> sitk.I
         raise DoseUnitsError(f"{path}: DoseUnits is {units or 'absent'!r}, not GY; the dose cannot be read in Gy")
     if ds.get("DoseGridScaling") in (None, ""):
         raise ValueError(f"{path}: RTDOSE without DoseGridScaling")
-    scaling = float(ds.DoseGridScaling)
+    try:
+        scaling = float(ds.DoseGridScaling)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: DoseGridScaling {ds.DoseGridScaling!r} is not a number") from None
+    if not math.isfinite(scaling) or scaling <= 0:
+        raise ValueError(f"{path}: DoseGridScaling {scaling} is not a positive finite number")
     position, orientation, spacing = slice_geometry(ds, path)
     values = pixel_array(ds, path).astype(np.float64) * scaling
+    problems = _dose_value_problems(values, scaling, units, max_dose_gy)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
     if values.ndim == 2:
         values = values[None]
     normal = np.cross(orientation[0], orientation[1])

@@ -42,12 +42,17 @@ class RTStruct:
         rois: the ROIs by name (the first ROI of a repeated name is kept).
         frames_of_reference: every FrameOfReferenceUID the file refers to.
         referenced_series: the SeriesInstanceUIDs of the images it was drawn on.
+        series_images: SeriesInstanceUID -> the SOPInstanceUIDs its RTReferencedSeriesSequence lists
+            (ContourImageSequence): the images of the series the structure set was drawn on.
+        contour_images: the SOPInstanceUIDs the contours themselves refer to (their ContourImageSequence).
     """
 
     path: str
     rois: dict[str, RTStructROI]
     frames_of_reference: set[str]
     referenced_series: set[str]
+    series_images: dict[str, set[str]] = field(default_factory=dict)
+    contour_images: set[str] = field(default_factory=set)
 
 
 def _contour_values(contour: pydicom.Dataset) -> np.ndarray:
@@ -93,11 +98,15 @@ def read_rtstruct(path: str | os.PathLike[str]) -> RTStruct:
         rois_by_number[number] = RTStructROI(
             number, str(item.get("ROIName", f"ROI{number}")), str(item.get("ReferencedFrameOfReferenceUID", ""))
         )
+    contour_images: set[str] = set()
     for item in ds.get("ROIContourSequence", []):
         roi = rois_by_number.get(int(item.ReferencedROINumber))
         if roi is None:
             continue  # contours of an ROI the structure set does not declare: nothing names them
         for contour in item.get("ContourSequence", []):
+            for image in contour.get("ContourImageSequence", []):
+                if image.get("ReferencedSOPInstanceUID"):
+                    contour_images.add(str(image.ReferencedSOPInstanceUID))
             kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper()
             data = _contour_values(contour)
             if len(data) % 3:
@@ -108,16 +117,23 @@ def read_rtstruct(path: str | os.PathLike[str]) -> RTStruct:
             roi.contours.append(data.reshape(-1, 3))
     frames = {r.frame_of_reference for r in rois_by_number.values() if r.frame_of_reference}
     series: set[str] = set()
+    series_images: dict[str, set[str]] = {}
     for ref in ds.get("ReferencedFrameOfReferenceSequence", []):
         if ref.get("FrameOfReferenceUID"):
             frames.add(str(ref.FrameOfReferenceUID))
         for study in ref.get("RTReferencedStudySequence", []):
             for s in study.get("RTReferencedSeriesSequence", []):
                 series.add(str(s.SeriesInstanceUID))
+                images = series_images.setdefault(str(s.SeriesInstanceUID), set())
+                images.update(
+                    str(i.ReferencedSOPInstanceUID)
+                    for i in s.get("ContourImageSequence", [])
+                    if i.get("ReferencedSOPInstanceUID")
+                )
     rois: dict[str, RTStructROI] = {}
     for roi in sorted(rois_by_number.values(), key=lambda r: r.number):
         rois.setdefault(roi.name, roi)
-    return RTStruct(str(path), rois, frames, series)
+    return RTStruct(str(path), rois, frames, series, series_images, contour_images)
 
 
 def physical_to_index(points: np.ndarray, reference: sitk.Image) -> np.ndarray:

@@ -22,17 +22,45 @@ from ctan_monai.data.stoic.preprocessing import (
 )
 from ctan_monai.data.validation import DatasetValidationError, ValidationReport
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json
+from ctan_monai.utils.integrity import file_problem, file_record
 
 __all__ = ["convert_dataset"]
 
 logger = logging.getLogger("ctan_monai.data.stoic")
 
 CONVERSION_VERSION = 1
+_OUTPUT_KEYS = ("image", "lung_mask")
 
 
 def _source_fingerprint(path: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     stat = path.stat()
     return {"source": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **settings}
+
+
+def _reusable_record(record_path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The cache record of a case when it was made from the same source with the same settings and its volumes are
+    intact (the size and CRC-32 recorded when they were written; a record from before those were kept: the gzip
+    streams read to the end, then the sizes and CRCs recorded); None when the case must be converted again, with a
+    warning naming the file when a cached volume is missing, truncated or corrupt."""
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("fingerprint") != fingerprint:
+            return None
+        outputs = record.get("outputs")
+        for key in _OUTPUT_KEYS:
+            problem = file_problem(record[key], outputs[key] if outputs is not None else None)
+            if problem is not None:
+                logger.warning("STOIC cache: %s %s; converting the case again", record[key], problem)
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        logger.warning("STOIC cache: record %s is unreadable (%s); converting the case again", record_path, err)
+        return None
+    if outputs is None:
+        record["outputs"] = {key: file_record(record[key]) for key in _OUTPUT_KEYS}
+        atomic_write_json(record_path, record)
+    return record
 
 
 def _convert_case(entry: Mapping[str, Any], cache_dir: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,10 +69,9 @@ def _convert_case(entry: Mapping[str, Any], cache_dir: Path, settings: Mapping[s
     case = entry["case_id"]
     record_path = cache_dir / f"{case}.json"
     fingerprint = _source_fingerprint(source, settings)
-    if record_path.is_file():
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("fingerprint") == fingerprint and all(Path(record[k]).is_file() for k in ("image", "lung_mask")):
-            return record
+    record = _reusable_record(record_path, fingerprint)
+    if record is not None:
+        return record
     image = sitk.ReadImage(str(source))
     problems = intensity_problems(sitk.GetArrayViewFromImage(image))
     if problems:
@@ -64,6 +91,7 @@ def _convert_case(entry: Mapping[str, Any], cache_dir: Path, settings: Mapping[s
     for key, volume in (("image", ct.image), ("lung_mask", ct.lung_mask)):
         with atomic_path(record[key]) as tmp:
             sitk.WriteImage(volume, str(tmp), True)
+    record["outputs"] = {key: file_record(record[key]) for key in _OUTPUT_KEYS}
     atomic_write_json(record_path, record)  # written last: its presence means the case is complete
     return record
 
@@ -79,8 +107,10 @@ def convert_dataset(
     """Validate a STOIC dataset, preprocess every case once into ``cache_dir`` (NIfTI), and write ``manifest.json``.
 
     Headers and labels are validated before any conversion. A case already converted with the same settings from
-    the same (unchanged) file is reused, not redone. Every file is written atomically; a case's record JSON is
-    written last, so an interrupted conversion is redone, never trusted. Labels are always taken from the current
+    the same (unchanged) file is reused, not redone, when its cached volumes still have the size and CRC-32 recorded
+    when they were written; a missing, truncated or corrupt cached volume is named in the log and the case converted
+    again. Every file is written atomically; a case's record JSON is written last, so an interrupted conversion is
+    redone, never trusted. Labels are always taken from the current
     reference.csv (a label fix needs no reconversion).
 
     Args:
