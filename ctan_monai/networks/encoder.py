@@ -88,6 +88,7 @@ class ResNetEncoder(nn.Module):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.input_windows = windows
+        self.num_windows = len(windows)  # what TorchScript reads (an empty list attribute has no TorchScript type)
         # not persistent: the windows are part of the architecture (the config), like the layer widths
         self.register_buffer("_window_low", torch.tensor([w[0] for w in windows]), persistent=False)
         self.register_buffer("_window_width", torch.tensor([w[1] - w[0] for w in windows]), persistent=False)
@@ -132,12 +133,14 @@ class ResNetEncoder(nn.Module):
         Returns:
             ``[B, in_channels * (1 + len(input_windows)), *spatial]``; ``x`` itself without windows.
         """
-        if not self.input_windows:
+        if self.num_windows == 0:
             return x
-        shape = (1, -1) + (1,) * (x.dim() - 2)  # window k applies to the k-th copy of the in_channels channels
-        low = self._window_low.to(x.dtype).repeat_interleave(x.shape[1]).view(shape)
-        width = self._window_width.to(x.dtype).repeat_interleave(x.shape[1]).view(shape)
-        copies = x.repeat((1, len(self.input_windows)) + (1,) * (x.dim() - 2))
+        channels = x.shape[1]
+        spatial_ones = [1] * (x.dim() - 2)
+        # window k applies to the k-th copy of the in_channels channels
+        low = self._window_low.to(x.dtype).repeat_interleave(channels).view([1, -1] + spatial_ones)
+        width = self._window_width.to(x.dtype).repeat_interleave(channels).view([1, -1] + spatial_ones)
+        copies = x.repeat([1, self.num_windows] + spatial_ones)
         return torch.cat([x, ((copies - low) / width).clamp(0.0, 1.0)], dim=1)
 
 
