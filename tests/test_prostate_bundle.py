@@ -374,3 +374,22 @@ def test_ckpt_export_matches_checkpoint(prostate_bundle: Path, tmp_path: Path) -
         eager, exported = net(x), scripted(x)
     for name in ("seg", "dose"):
         assert (eager[name] - exported[name]).abs().max() < 1e-4
+
+
+def test_demo_learns_on_a_short_run(prostate_bundle: Path, tmp_path: Path) -> None:
+    """The default demo, on a third of its budget (5 of 15 epochs), learns: its training summary shows the best
+    validated epoch far above the untrained network on Dice and below it on the dose score (the full demo reaches
+    86.5 % Dice and 1.16 Gy against 0.17 % / 3.26 Gy untrained and the floor's 58.5 % / 1.51 Gy)."""
+    out = tmp_path / "run"
+    _bundle_threads1(
+        ["run", "training", "--config_file", "configs/train.yaml", "--epochs", "5", "--val_interval", "5"]
+        + ["--progress_bar", "False", "--output_dir", str(out), "--model_dir", str(tmp_path / "models")],
+        prostate_bundle,
+        timeout=900,
+    )
+    summary = json.loads((out / "training_summary.json").read_text())
+    dice, dose = summary["val_mean_dice"], summary["val_dose_mae"]
+    best = next(key for key in dice if key.startswith("best"))
+    assert dice[best] >= 30.0 and dice[best] >= dice["untrained"] + 25.0, dice
+    assert dose[best] <= 0.85 * dose["untrained"], dose
+    assert dice["floor"] is not None and dose["floor"] is not None
