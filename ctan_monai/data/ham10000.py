@@ -415,6 +415,24 @@ def validate_dataset(
     return report
 
 
+def _cases_to_skip(report: ValidationReport, skip_bad: bool, what: str) -> set[str]:
+    """The cases to leave out for a report's problems: raises unless ``skip_bad`` and every problem names a case,
+    and logs the skipped ones (``what`` says of what, e.g. ``"of 70 case(s)"``); empty when there is no problem."""
+    if report.problems and (not skip_bad or any(p.case is None for p in report.problems)):
+        report.raise_if_problems()
+    if not report.problems:
+        return set()
+    bad = set(report.bad_cases())
+    logger.warning(
+        "%s: skipping %d %s with problems:\n%s",
+        report.dataset,
+        len(bad),
+        what,
+        "\n".join(f"  - {p}" for p in report.problems),
+    )
+    return bad
+
+
 def build_datalist(
     root: str | os.PathLike[str],
     validate: bool = True,
@@ -454,17 +472,8 @@ def build_datalist(
         (2, 'bkl')
     """
     report, entries, _ = _validate(root, deep, validate, metadata_file, image_dirs, mask_dir, num_workers)
-    if report.problems and (not skip_bad or any(p.case is None for p in report.problems)):
-        report.raise_if_problems()
-    if report.problems:
-        bad = set(report.bad_cases())
-        logger.warning(
-            "%s: skipping %d of %d case(s) with problems:\n%s",
-            report.dataset,
-            len(bad),
-            len(entries),
-            "\n".join(f"  - {p}" for p in report.problems),
-        )
+    bad = _cases_to_skip(report, skip_bad, f"of {len(entries)} case(s)")
+    if bad:
         entries = [e for e in entries if e["image_id"] not in bad]
     return [
         {
@@ -833,16 +842,8 @@ def _recheck_split(
             METADATA_FILE,
             unused[:5],
         )
-    if report.problems and (not skip_bad or any(p.case is None for p in report.problems)):
-        report.raise_if_problems()
-    if report.problems:
-        bad = set(report.bad_cases())
-        logger.warning(
-            "%s: skipping %d image(s) of the split with problems:\n%s",
-            report.dataset,
-            len(bad),
-            "\n".join(f"  - {p}" for p in report.problems),
-        )
+    bad = _cases_to_skip(report, skip_bad, "image(s) of the split")
+    if bad:
         return {name: [e for e in entries if e["image_id"] not in bad] for name, entries in splits.items()}
     if stale or relabelled:
         fractions = {name: float(f) for name, f in document["fractions"].items()}

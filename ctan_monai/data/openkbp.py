@@ -45,7 +45,6 @@ import logging
 import os
 import re
 import warnings
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,7 @@ from ctan_monai.data.validation import (
     implausible_dose_problem,
 )
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+from ctan_monai.utils.integrity import file_crc32
 
 __all__ = [
     "AXIAL_AXIS",
@@ -704,14 +704,6 @@ def _source_stats(folder: Path) -> dict[str, list[int]]:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.csv"))}
 
 
-def _file_crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
@@ -728,7 +720,7 @@ def _cached_entry(case_dir: Path, source: Path, settings: dict[str, Any]) -> dic
         if marker["settings"] != settings or marker["sources"] != _source_stats(source):
             return None
         for name, crc in marker["outputs"].items():
-            if _file_crc(case_dir / name) != crc:
+            if file_crc32(case_dir / name) != crc:
                 return None
         return marker["entry"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -759,7 +751,7 @@ def _convert_patient(
         name = f"{key}.nii.gz"
         _save_nifti(array, affine, case_dir / name)
         entry[key] = str(relative / name)
-        outputs[name] = _file_crc(case_dir / name)
+        outputs[name] = file_crc32(case_dir / name)
     entry.update(
         label_class_present=present,
         spacing=list(patient.voxel_size_mm),
@@ -907,7 +899,7 @@ def check_cache(path: str | os.PathLike[str]) -> ValidationReport:
             cached = Path(entry[key])
             if not cached.is_file():
                 report.add(str(cached), f"{key} file is missing", case)
-            elif outputs is not None and cached.name in outputs and _file_crc(cached) != outputs[cached.name]:
+            elif outputs is not None and cached.name in outputs and file_crc32(cached) != outputs[cached.name]:
                 report.add(
                     str(cached),
                     f"{key} file has another CRC-32 than when it was converted: truncated or corrupt; convert the "
