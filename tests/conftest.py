@@ -112,16 +112,21 @@ def dicom_rt_root() -> Path:
 
 
 OPENKBP_BUNDLE = REPO_ROOT / "bundles" / "ctan_openkbp"
-# a small, fast training budget for bundle tests: resnet18, 16 random slices (2 iterations) per epoch
+# a small, fast training budget for bundle tests: resnet18, 16 random slices (2 iterations) per epoch, no evaluation
+# of the untrained network (the demo-learns test covers the summary)
 QUICK_TRAIN_ARGS = [
     "--backbone",
     "resnet18",
+    "--batch_size",
+    "8",
     "--train_slices_per_epoch",
     "16",
     "--progress_bar",
     "False",
     "--num_workers",
     "0",
+    "--summary_untrained",
+    "False",
 ]
 
 

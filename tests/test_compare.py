@@ -198,7 +198,7 @@ def test_tiny_comparison_is_killed_and_resumes(bundle_copy: Path, tmp_path: Path
     out_dir = tmp_path / "cmp"
     args = ["--bundle", str(bundle_copy), "--archs", "stl", "hps", "--seeds", "0", "--output_dir", str(out_dir)]
     args += ["--set", "epochs=1", "--set", "train_slices_per_epoch=8", "--set", "batch_size=4"]
-    args += ["--set", "val_interval=2", "--set", "eval_figures=0"]
+    args += ["--set", "val_interval=2", "--set", "eval_figures=0", "--set", "summary_untrained=False"]
     stl_record = out_dir / "runs" / "stl_seed0" / "run.json"
     proc = _compare(args, tmp_path, start_new_session=True)
     deadline = time.time() + 600

@@ -35,6 +35,9 @@ from tests.conftest import REPO_ROOT, compare_metrics, run_bundle, shared_file
 
 BUNDLE = REPO_ROOT / "bundles" / "ctan_ham10000"
 CLASSES = list(HAM10000_CLASSES)
+# the demo-learns test, 2 of the demo's 4 epochs: measured Dice 90.8 % (floor 73.0), balanced accuracy 75.0 % (14.3)
+DEMO_DICE_OVER_FLOOR = 5.0
+DEMO_BACC_OVER_FLOOR = 30.0
 # small, fast training budget: resnet18 at 64 px, 16 class-balanced draws (2 iterations) per epoch
 QUICK = [
     "--image_size",
@@ -423,3 +426,24 @@ def test_ckpt_export_matches_checkpoint(ham_bundle: Path) -> None:
         eager, exported = net(x), scripted(x)
     for name in ("seg", "dx"):
         assert (eager[name] - exported[name]).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_demo_learns_on_a_short_run(tmp_path: Path) -> None:
+    """The default demo on half its budget (2 of 4 epochs) learns: the best validated epoch beats the untrained
+    network and the floor on lesion Dice and balanced accuracy (the full demo reaches 94.1 % Dice and 95.2 % balanced
+    accuracy against 12.2 % / 14.3 % untrained and the floor's 73.0 % / 14.3 %)."""
+    root = tmp_path / "ctan_ham10000"
+    shutil.copytree(BUNDLE / "configs", root / "configs")
+    out = tmp_path / "run"
+    run_bundle(
+        ["run", "training", "--config_file", "configs/train.yaml", "--epochs", "2", "--val_interval", "2"]
+        + ["--progress_bar", "False", "--output_dir", str(out), "--model_dir", str(tmp_path / "models")],
+        root,
+        timeout=900,
+    )
+    summary = json.loads((out / "training_summary.json").read_text())
+    dice, bacc = summary["val_mean_dice"], summary["val_balanced_accuracy"]
+    best = next(key for key in dice if key.startswith("best"))
+    assert dice[best] >= dice["floor"] + DEMO_DICE_OVER_FLOOR and dice[best] >= dice["untrained"] + 40.0, dice
+    assert bacc[best] >= bacc["floor"] + DEMO_BACC_OVER_FLOOR, bacc

@@ -20,6 +20,9 @@ from tests.conftest import QUICK_TRAIN_ARGS as QUICK
 from tests.conftest import run_bundle, shared_file
 
 pytestmark = pytest.mark.slow
+# the demo-learns test, 3 of the demo's 6 epochs: measured 19.8 % Dice (untrained 0.04 %), dose score 0.80x untrained
+DEMO_DICE_GAIN = 10.0
+DEMO_DOSE_RATIO = 0.9
 
 
 def _bundle_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
@@ -148,9 +151,10 @@ def test_ckpt_export_matches_checkpoint(bundle_copy: Path, tmp_path: Path) -> No
         {"name": "dose", "level": "pixel", "kind": "regression", "out_channels": 1},
     ]
     torch.manual_seed(3)
-    # as train.yaml declares the network: one fine decoder block, the soft-tissue CT window
+    # as train.yaml declares the network: one fine decoder block for the organs, the soft-tissue CT window
     window = [[(-160 + 1024) / 4095, (240 + 1024) / 4095]]
-    net = build_network("ctan", tasks, backbone="resnet18", fine_decoder_channels=[64], input_windows=window)
+    fine = {"seg": [64]}
+    net = build_network("ctan", tasks, backbone="resnet18", fine_decoder_channels=fine, input_windows=window)
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     run_bundle(
@@ -166,3 +170,21 @@ def test_ckpt_export_matches_checkpoint(bundle_copy: Path, tmp_path: Path) -> No
         eager, exported = net(x), scripted(x)
     for name in ("seg", "dose"):
         assert (eager[name] - exported[name]).abs().max() < 1e-4
+
+
+def test_demo_learns_on_a_short_run(bundle_copy: Path, tmp_path: Path) -> None:
+    """The default demo on half its budget (3 of 6 epochs) learns: its training summary shows the best validated
+    epoch far above the untrained network on Dice, below it and below the floor on the dose score (the full demo
+    reaches 51.0 % Dice and 11.14 Gy against 0.04 % / 15.60 Gy untrained and the floor's 0.00 % / 17.00 Gy)."""
+    out = tmp_path / "run"
+    run_bundle(
+        ["run", "training", "--config_file", "configs/train.yaml", "--epochs", "3", "--val_interval", "3"]
+        + ["--progress_bar", "False", "--output_dir", str(out), "--model_dir", str(tmp_path / "models")],
+        bundle_copy,
+        timeout=900,
+    )
+    summary = json.loads((out / "training_summary.json").read_text())
+    dice, dose = summary["val_mean_dice"], summary["val_dose_mae"]
+    best = next(key for key in dice if key.startswith("best"))
+    assert dice[best] >= dice["untrained"] + DEMO_DICE_GAIN, dice
+    assert dose[best] <= DEMO_DOSE_RATIO * dose["untrained"] and dose[best] < dose["floor"], dose

@@ -617,6 +617,22 @@ def test_fine_decoder_3d_and_one_block() -> None:
         build_network("hps", [SEG], backbone="resnet18", fine_decoder_channels=[32, 16, 8])
 
 
+@pytest.mark.parametrize("arch", ["stl", "hps", "ctan"])
+def test_fine_decoder_per_task(arch: str) -> None:
+    """``{task: widths}`` gives the fine blocks to the named tasks only (OpenKBP: the organs, not the smooth dose);
+    a name the network does not have is refused."""
+    torch.manual_seed(0)
+    net = build_network(arch, [SEG, SCALED_DOSE], backbone="resnet18", fine_decoder_channels={"seg": [16]}, **SMALL)
+    seg, dose = ((net.nets[t] if arch == "stl" else net).decoders[t] for t in ("seg", "dose"))
+    assert len(seg.fine) == 1 and seg.head.in_channels == 16
+    assert len(dose.fine) == 0 and dose.head.in_channels == SMALL["pixel_decoder_channels"][-1]
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 1, 48, 40))
+    assert out["seg"].shape == (1, 3, 48, 40) and out["dose"].shape == (1, 1, 48, 40)
+    with pytest.raises(ValueError, match="'sgm'"):
+        build_network(arch, [SEG, DOSE], backbone="resnet18", fine_decoder_channels={"sgm": [16]}, **SMALL)
+
+
 @pytest.mark.parametrize("arch", ["hps", "ctan"])
 def test_fine_decoder_torchscript_matches_eager(arch: str) -> None:
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from ctan_monai.networks.decoders import ImageDecoder, PixelDecoder
 from ctan_monai.networks.encoder import ResNetEncoder, load_torchvision_resnet_weights
 from ctan_monai.tasks import TaskSpec, parse_tasks
 
-__all__ = ["ARCHITECTURES", "CTAN", "HPS", "MTAN", "STL", "MultiTaskNet", "build_network"]
+__all__ = ["ARCHITECTURES", "CTAN", "HPS", "MTAN", "STL", "MultiTaskNet", "build_network", "fine_channels_per_task"]
 
 
 def _make_decoder(
@@ -50,6 +50,34 @@ def _make_decoder(
     )
 
 
+def fine_channels_per_task(
+    fine_decoder_channels: Sequence[int] | Mapping[str, Sequence[int]], task_names: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+    """Resolve ``fine_decoder_channels`` (one list for all tasks, or ``{task_name: widths}``) to widths per task.
+
+    Args:
+        fine_decoder_channels: one sequence of widths for every task, or a mapping from task names to widths.
+        task_names: the network's tasks.
+
+    Returns:
+        ``{task_name: widths}`` for every task (empty: the paper's decoder).
+
+    Raises:
+        ValueError: when the mapping names a task the network does not have.
+
+    Example:
+        >>> fine_channels_per_task({"seg": [64]}, ["seg", "dose"])
+        {'seg': (64,), 'dose': ()}
+    """
+    if isinstance(fine_decoder_channels, Mapping):
+        unknown = sorted(set(fine_decoder_channels) - set(task_names))
+        if unknown:
+            raise ValueError(f"fine_decoder_channels names task(s) {unknown} the network does not have ({task_names})")
+        return {n: tuple(int(c) for c in fine_decoder_channels.get(n, ())) for n in task_names}
+    widths = tuple(int(c) for c in fine_decoder_channels)
+    return {n: widths for n in task_names}
+
+
 class MultiTaskNet(nn.Module):
     """Common parts: the shared ResNet encoder, one decoder per task, input checks, ImageNet weights.
 
@@ -66,7 +94,9 @@ class MultiTaskNet(nn.Module):
         stem_stride: stride of the encoder's first convolution.
         fine_decoder_channels: widths of up to two up-sampling blocks that the pixel decoders add past the paper's
             three (to the stem's resolution with the stem feature as skip, then to the input's with the image as
-            skip); empty (default) is the paper's decoder, whose head works at 1/4 of the input resolution.
+            skip); empty (default) is the paper's decoder, whose head works at 1/4 of the input resolution. One
+            list for every pixel task, or ``{task_name: widths}`` for some of them (the others keep the paper's
+            decoder), e.g. ``{"seg": [64]}``: fine organ boundaries, while a smooth dose map does not pay for it.
         input_windows: fixed intensity windows ``(low, high)`` whose clipped copies of the input join it before the
             encoder's first convolution (see ``ResNetEncoder``); empty (default) is the paper's input.
     """
@@ -83,12 +113,13 @@ class MultiTaskNet(nn.Module):
         image_decoder_channels: Sequence[int] = (128, 256, 512, 512),
         dropout: float = 0.0,
         stem_stride: int = 2,
-        fine_decoder_channels: Sequence[int] = (),
+        fine_decoder_channels: Sequence[int] | Mapping[str, Sequence[int]] = (),
         input_windows: Sequence[Sequence[float]] = (),
     ) -> None:
         super().__init__()
         self.task_specs = parse_tasks(tasks)
         self.task_names = [t.name for t in self.task_specs]
+        fine_widths = fine_channels_per_task(fine_decoder_channels, self.task_names)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.encoder = ResNetEncoder(backbone, spatial_dims, in_channels, stem_stride, input_windows)
@@ -106,7 +137,7 @@ class MultiTaskNet(nn.Module):
                     pixel_decoder_channels,
                     image_decoder_channels,
                     dropout,
-                    tuple(int(c) for c in fine_decoder_channels),
+                    fine_widths[t.name],
                     in_channels,
                 )
                 for t in self.task_specs
@@ -314,7 +345,10 @@ class STL(nn.Module):
         super().__init__()
         self.task_specs = parse_tasks(tasks)
         self.task_names = [t.name for t in self.task_specs]
-        self.nets = nn.ModuleDict({t.name: HPS([t], **kwargs) for t in self.task_specs})
+        fine = fine_channels_per_task(kwargs.pop("fine_decoder_channels", ()), self.task_names)
+        self.nets = nn.ModuleDict(
+            {t.name: HPS([t], fine_decoder_channels=fine[t.name], **kwargs) for t in self.task_specs}
+        )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{task_name: output}``."""

@@ -44,8 +44,6 @@ ARGS = [
     str(EPOCHS),
     "--val_interval",
     str(EPOCHS),
-    "--summary_untrained",
-    "False",
     "--validate#floor",
     "None",
 ]

@@ -24,6 +24,8 @@ _README = "README.txt"
 _MARK = "SYNTHETIC OpenKBP-format demo data written by ctan_monai.data.demo.openkbp"
 # Organ sparing: the fraction of the (target-driven) dose removed at the organ's centre, outside the targets.
 _SPARING = {"Brainstem": 0.55, "SpinalCord": 0.6, "RightParotid": 0.45, "LeftParotid": 0.45}
+# bumped when the phantoms change, so that a demo written by an older version is rewritten
+_PHANTOM_VERSION = 2
 _PRESCRIPTION_GY = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
 
 
@@ -38,7 +40,11 @@ def _ellipsoid_radius(
 
 
 def synthetic_openkbp_patient(
-    patient_id: str, rng: np.random.Generator, size: int = 128, structures_missing: Sequence[str] = ()
+    patient_id: str,
+    rng: np.random.Generator,
+    size: int = 128,
+    structures_missing: Sequence[str] = (),
+    shift: float = 0.08,
 ) -> OpenKBPPatient:
     """Make one synthetic head-and-neck patient on a ``size``-cubed grid.
 
@@ -48,13 +54,15 @@ def synthetic_openkbp_patient(
     patients), PTV56 (the targets do not overlap). Dose: each target at its prescription, an exponential fall-off
     around them, lower in the organs at risk, 1 % noise, rounded to 0.001 Gy like the real files, 0 outside the
     possible-dose mask (the body within the slices around the targets). Shapes, sizes and positions vary with
-    ``rng``.
+    ``rng``, and the whole anatomy moves by up to ``shift`` of the grid in-plane (half of it across slices), as real
+    patients lie at different places on the grid: an atlas of the training patients then does not fit a new one.
 
     Args:
         patient_id: e.g. ``"pt_1"``.
         rng: the random generator (one per patient for reproducible data).
         size: grid side (the challenge's is 128; smaller grids keep tests fast).
         structures_missing: structures this patient has no file for (as some real patients lack one).
+        shift: largest offset of the whole anatomy, as a fraction of the grid side (rows and columns; slices: half).
 
     Returns:
         the patient (CT on the 0..4095 scale).
@@ -70,12 +78,15 @@ def synthetic_openkbp_patient(
     if size < 16:
         raise ValueError(f"the phantom needs a grid of at least 16 voxels per side, got {size}")
     n = float(size)
-    grid = [g.astype(np.float32) for g in np.ogrid[:size, :size, :size]]
-    row, _, sli = grid
 
     def jitter(scale: float) -> float:
         """A random offset of up to ``scale`` grid sides."""
         return float(rng.uniform(-scale, scale)) * n
+
+    # the patient's place on the grid: every position below is relative to the shifted grid
+    offsets = (jitter(shift), jitter(shift), jitter(shift / 2))
+    grid = [(g - o).astype(np.float32) for g, o in zip(np.ogrid[:size, :size, :size], offsets)]
+    row, _, sli = grid
 
     # Body: an elliptic cross-section per slice: a rounded head on top, a neck, shoulders widening at the bottom.
     centre_row, centre_col = 0.5 * n + jitter(0.02), 0.5 * n + jitter(0.02)
@@ -180,7 +191,7 @@ def synthetic_openkbp_patient(
 def _readme(n_train: int, n_val: int, seed: int, size: int) -> str:
     return (
         f"{_MARK}\n"
-        f"parameters: n_train={n_train} n_val={n_val} seed={seed} size={size}\n\n"
+        f"phantom version {_PHANTOM_VERSION}; parameters: n_train={n_train} n_val={n_val} seed={seed} size={size}\n\n"
         "THIS IS SYNTHETIC DATA. It contains no patient data and is not fit for any clinical use.\n"
         "Phantoms of the head and neck in the OpenKBP challenge's on-disk format (provided-data/<split>/pt_<n>/,\n"
         "sparse CSVs with the header ',data', rows 'flat_index,value', C-order flat indices of a\n"
