@@ -1,7 +1,8 @@
 """Glue for the HAM10000 bundle's inference config (``configs/inference.yaml``): list the images to predict, put the
 multi-task output under the keys MONAI Label and the writers use (``pred``: the lesion segmentation, ``dx``: the
 diagnosis), and write per image a lesion mask PNG and the class probabilities (JSON), plus one CSV table of all
-images, every file atomically."""
+images, every file atomically. For MONAI Label: :class:`CheckImageFiled` refuses a bad input with a clear error and
+:class:`LabelResultd` hands over the mask as its writer expects, the diagnosis in the result JSON."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
+from ctan_monai.apps.volume_inference import InputImageError, check_input_file
 from ctan_monai.data.ham10000 import HAM10000_CLASSES, IMAGE_DIR_PREFIX, MASK_SUFFIX
 from ctan_monai.engines.base import RunCollectorHandler, write_csv
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json
 
 __all__ = [
     "INFERENCE_IMAGE_EXTENSIONS",
+    "CheckImageFiled",
+    "LabelResultd",
     "PredictionTableHandler",
     "TaskOutputsToKeysd",
     "WriteHAM10000Predictiond",
@@ -241,3 +245,98 @@ class PredictionTableHandler(RunCollectorHandler):
             )
         write_csv(self.path, columns, rows)
         logger.info("wrote %s (%d images)", self.path, len(self.records))
+
+
+class CheckImageFiled(MapTransform):
+    """Check the image file under the key before it is loaded: it exists, is not empty and is a 2D picture that
+    Pillow reads (PNG, JPEG, ...; any colour mode, the loader converts to RGB).
+
+    Args:
+        keys: the key of the image path (``image``).
+        allow_missing_keys: skip missing keys instead of raising.
+
+    Raises:
+        InputImageError: naming the file and the problem.
+
+    Example:
+        >>> CheckImageFiled("image")({"image": "ISIC_0024306.jpg"})  # doctest: +SKIP
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if not isinstance(d[key], (str, os.PathLike)):
+                continue  # an array handed over directly
+            path = check_input_file(d[key])
+            if path.is_dir():
+                raise InputImageError(f"input {str(path)!r} is a folder: this bundle needs one PNG or JPEG image")
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                    frames = getattr(image, "n_frames", 1)
+            except Exception as err:  # Pillow's errors for a file it cannot read
+                raise InputImageError(
+                    f"input {str(path)!r} is not an image Pillow can read (PNG, JPEG): {err}"
+                ) from None
+            if frames > 1:
+                raise InputImageError(f"input {str(path)!r} holds {frames} frames: this bundle needs one 2D image")
+        return d
+
+
+class LabelResultd(MapTransform):
+    """Hand the lesion mask and the diagnosis to MONAI Label: ``pred`` (a label map ``[1, H, W]`` or scores
+    ``[C, H, W]`` at the input's size) becomes the uint8 label map ``[W, H]`` (0 background, 1 lesion, no channel
+    axis) in the index order of MONAI's image readers, which MONAI Label's writer transposes back into an ``H x W``
+    PNG; the result JSON (``data[result_key]``) gets ``{"diagnosis": {"predicted_class", "probabilities":
+    {class: p}}}``, and the result is written as PNG (``result_extension``, never a lossy JPEG) of dtype uint8.
+
+    Args:
+        keys: the segmentation key (``pred``).
+        cls_key: the key of the diagnosis probabilities ``[num_classes]``.
+        class_names: the diagnosis classes in index order.
+        result_key: the result JSON key.
+        allow_missing_keys: skip missing keys instead of raising.
+
+    Raises:
+        ValueError: when the probabilities do not have one entry per class.
+
+    Example:
+        >>> to_result = LabelResultd("pred", class_names=["a", "b"])
+        >>> d = to_result({"pred": torch.ones(1, 3, 5), "dx": torch.tensor([0.2, 0.8])})
+        >>> tuple(d["pred"].shape), d["result"]["diagnosis"]["predicted_class"]
+        ((5, 3), 'b')
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        cls_key: str = "dx",
+        class_names: Sequence[str] = HAM10000_CLASSES,
+        result_key: str = "result",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.cls_key, self.result_key = cls_key, result_key
+        self.class_names = list(class_names)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            seg = torch.as_tensor(d[key]).detach().cpu()
+            labels = (seg.argmax(0) if seg.shape[0] > 1 else seg[0]) > 0
+            d[key] = labels.to(torch.uint8).T.contiguous()  # [H, W] -> [W, H]
+            result = dict(d.get(self.result_key) or {})
+            if self.cls_key in d:
+                probs = torch.as_tensor(d[self.cls_key]).detach().float().cpu().reshape(-1)
+                if probs.numel() != len(self.class_names):
+                    raise ValueError(f"{probs.numel()} diagnosis probabilities for {len(self.class_names)} classes")
+                result["diagnosis"] = {
+                    "predicted_class": self.class_names[int(probs.argmax())],
+                    "probabilities": {n: round(float(p), 6) for n, p in zip(self.class_names, probs.tolist())},
+                }
+                d.pop(self.cls_key)
+            result["lesion_fraction"] = round(float(labels.float().mean()), 6)
+            d[self.result_key] = result
+            d["result_extension"] = ".png"
+            d["result_dtype"] = "uint8"
+        return d

@@ -1,0 +1,284 @@
+"""Inference pieces shared by the CT bundles (OpenKBP, prostate) for callers that hand over one image under
+``image`` (MONAI Label, ``python -m monai.bundle run`` with ``--image``): check and load a CT volume file or a DICOM
+series with its geometry as a MetaTensor (so that MONAI's ``Orientationd`` / ``Invertd`` move it to the training
+orientation and back), and summarise the predicted dose per predicted structure in the result JSON.
+
+A bad input raises :class:`InputImageError` (a ``ValueError``) naming the file and the problem; the MONAI Label app
+turns it into an HTTP 422 reply.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, MapTransform
+
+from ctan_monai.data.dicom_rt import DicomDecodeError, DicomSeriesError, read_ct_series
+
+__all__ = ["DoseSummaryd", "InputImageError", "LoadCTVolumed", "check_input_file", "dose_summary"]
+
+
+class InputImageError(ValueError):
+    """An input image that the bundle cannot take (empty, unreadable, wrong number of channels or dimensions)."""
+
+
+def check_input_file(path: str | os.PathLike[str]) -> Path:
+    """Check that an input image file (or DICOM folder) exists and is not empty.
+
+    Args:
+        path: the file or folder.
+
+    Returns:
+        the path.
+
+    Raises:
+        InputImageError: naming the path when it does not exist, is an empty file or an empty folder.
+
+    Example:
+        >>> check_input_file("ct.nii.gz")  # doctest: +SKIP
+        PosixPath('ct.nii.gz')
+    """
+    p = Path(path)
+    if p.is_dir():
+        if not any(f.is_file() for f in p.rglob("*")):
+            raise InputImageError(f"input {str(p)!r} is an empty folder (expected the files of one DICOM CT series)")
+    elif not p.is_file():
+        raise InputImageError(f"input {str(p)!r} does not exist")
+    elif p.stat().st_size == 0:
+        raise InputImageError(f"input {str(p)!r} is an empty file (0 bytes)")
+    return p
+
+
+def _is_volume_file(path: Path) -> bool:
+    """A file that is not a DICOM part-10 file (no ``DICM`` marker at byte 128)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] != b"DICM"
+
+
+class LoadCTVolumed(MapTransform):
+    """Load one CT under ``image``: a volume file (NIfTI, MHA, NRRD, ... as MONAI's ``LoadImage`` reads it) or a DICOM
+    series (a folder, one of its slice files, or the list of its slice files), as a channel-first MetaTensor
+    ``[1, X, Y, Z]`` float32 in the stored index order, with ``affine`` and ``original_affine`` (voxel to RAS mm),
+    ``spatial_shape`` and ``filename_or_obj`` in its meta, as MONAI's loaders set them.
+
+    The image is checked first, every problem naming the input: not empty, readable, one grey value per voxel (an
+    RGB or multi-channel image is refused) and three spatial dimensions (a 2D image is refused).
+
+    Args:
+        keys: the key holding the input (``image``).
+        allow_missing_keys: skip missing keys instead of raising.
+
+    Raises:
+        InputImageError: for an input that is missing, empty, unreadable, multi-channel or not 3D.
+
+    Example:
+        >>> item = LoadCTVolumed("image")({"image": "ct.nii.gz"})  # doctest: +SKIP
+        >>> item["image"].shape, item["image"].meta["original_affine"].shape  # doctest: +SKIP
+        (torch.Size([1, 128, 128, 128]), (4, 4))
+    """
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self._loader = LoadImage(image_only=True, ensure_channel_first=False, dtype=np.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.load(d[key])
+        return d
+
+    def load(self, source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> MetaTensor:
+        """Load and check one CT (see the class docstring).
+
+        Args:
+            source: a volume file, a DICOM folder or slice file, or a list of DICOM slice files.
+
+        Returns:
+            ``[1, X, Y, Z]`` float32 MetaTensor with its geometry.
+
+        Raises:
+            InputImageError: as the class says.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            path = check_input_file(source)
+            if _is_volume_file(path):
+                return self._load_volume(path)
+            paths = [path]
+        else:
+            paths = [check_input_file(p) for p in source]
+            if not paths:
+                raise InputImageError("input is an empty list of DICOM files")
+        return self._load_dicom(paths)
+
+    def _load_volume(self, path: Path) -> MetaTensor:
+        try:
+            image = self._loader(str(path))
+        except Exception as err:  # every reader's own error type: report it with the file
+            raise InputImageError(f"input {str(path)!r} cannot be read as an image: {err}") from None
+        meta = dict(image.meta)
+        channel_dim = meta.get("original_channel_dim", "no_channel")
+        has_channels = not (channel_dim == "no_channel" or (isinstance(channel_dim, float) and math.isnan(channel_dim)))
+        shape = tuple(int(s) for s in image.shape)
+        if has_channels:
+            channels = shape[int(channel_dim)]
+            raise InputImageError(
+                f"input {str(path)!r} has {channels} channels per pixel (shape {shape}; RGB or multi-channel): "
+                "this bundle needs a grey-value CT, one value per voxel"
+            )
+        spatial = [s for s in shape]
+        if len(spatial) != 3:
+            raise InputImageError(
+                f"input {str(path)!r} is a {len(spatial)}D image (shape {shape}): this bundle needs a 3D CT volume"
+            )
+        tensor = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]
+        meta["spatial_shape"] = np.asarray(spatial)
+        meta["original_channel_dim"] = "no_channel"
+        return MetaTensor(tensor, affine=image.affine, meta=meta)
+
+    @staticmethod
+    def _load_dicom(paths: Sequence[Path]) -> MetaTensor:
+        from ctan_monai.apps.prostate_inference import find_ct_series, ras_affine
+
+        if len(paths) == 1 and paths[0].is_dir():  # a folder: its one CT series (RTSTRUCT, RTDOSE, ... ignored)
+            try:
+                series = find_ct_series(paths[0])
+            except (FileNotFoundError, DicomSeriesError, DicomDecodeError, ValueError) as err:
+                raise InputImageError(f"input {str(paths[0])!r} holds no readable DICOM CT series: {err}") from None
+            if len(series) > 1:
+                raise InputImageError(
+                    f"input {str(paths[0])!r} holds {len(series)} CT series ({[s['case_id'] for s in series]}): "
+                    "send one"
+                )
+            files = [Path(f) for f in series[0]["image"]]
+        else:
+            files = list(paths)
+        try:
+            ct = read_ct_series(files)
+        except (DicomSeriesError, DicomDecodeError, ValueError) as err:
+            raise InputImageError(f"input {str(paths[0])!r}: the DICOM CT series cannot be read: {err}") from None
+        import SimpleITK as sitk  # noqa: N813 (the conventional SimpleITK alias)
+
+        array = sitk.GetArrayFromImage(ct).astype(np.float32).transpose(2, 1, 0)  # [z, y, x] -> [x, y, z]
+        if array.ndim != 3:
+            raise InputImageError(f"input {str(paths[0])!r}: the DICOM series is not one 3D grey-value volume")
+        affine = torch.as_tensor(ras_affine(ct.GetOrigin(), ct.GetSpacing(), ct.GetDirection()), dtype=torch.float64)
+        meta = {
+            "original_affine": affine.numpy().copy(),
+            "spatial_shape": np.asarray(array.shape),
+            "original_channel_dim": "no_channel",
+            "filename_or_obj": str(paths[0]),
+            "space": "RAS",
+        }
+        return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=affine, meta=meta)
+
+
+def dose_summary(dose: np.ndarray, labels: np.ndarray, names: Sequence[str], voxel_volume_mm3: float) -> dict[str, Any]:
+    """Summarise a dose volume over each structure of a label map.
+
+    Args:
+        dose: the dose (Gy), any shape.
+        labels: the label map of the same shape (0 background, ``k`` the ``k``-th of ``names``).
+        names: the structure names, label 1 first.
+        voxel_volume_mm3: the volume of one voxel.
+
+    Returns:
+        ``{"unit": "Gy", "max": ..., "structures": {name: {"volume_cc", "mean", "max", "D0.1cc"}}}``; a structure
+        that the label map does not hold gets ``volume_cc`` 0 and no dose values.
+
+    Raises:
+        ValueError: when ``dose`` and ``labels`` differ in shape.
+
+    Example:
+        >>> s = dose_summary(np.full((2, 2, 2), 5.0), np.ones((2, 2, 2), dtype=np.uint8), ["Bladder"], 1000.0)
+        >>> s["structures"]["Bladder"]["mean"], s["structures"]["Bladder"]["volume_cc"]
+        (5.0, 8.0)
+    """
+    dose = np.asarray(dose, dtype=np.float64)
+    labels = np.asarray(labels)
+    if dose.shape != labels.shape:
+        raise ValueError(f"dose {dose.shape} and label map {labels.shape} differ in shape")
+    structures: dict[str, Any] = {}
+    for k, name in enumerate(names, start=1):
+        values = dose[labels == k]
+        entry: dict[str, Any] = {"volume_cc": round(float(values.size * voxel_volume_mm3 / 1000.0), 3)}
+        if values.size:
+            ranked = np.sort(values)[::-1]
+            n_01cc = max(1, int(math.ceil(100.0 / voxel_volume_mm3)))  # voxels in 0.1 cc
+            entry.update(
+                mean=round(float(values.mean()), 3),
+                max=round(float(ranked[0]), 3),
+                **{"D0.1cc": round(float(ranked[min(n_01cc, ranked.size) - 1]), 3)},
+            )
+        structures[str(name)] = entry
+    return {"unit": "Gy", "max": round(float(dose.max()) if dose.size else 0.0, 3), "structures": structures}
+
+
+class DoseSummaryd(MapTransform):
+    """Put a summary of the predicted dose per predicted structure in ``data[result_key]["dose"]`` (the result JSON
+    MONAI Label returns). ``dose`` is clamped at 0 in place; the label map under the key and the dose must be on the
+    same grid (both back in the input's order after ``Invertd``).
+
+    Args:
+        keys: the label map key (``pred``: ``[1, X, Y, Z]`` label map).
+        dose_key: the dose key (``[1, X, Y, Z]``, Gy).
+        structure_names: the structures, label 1 first.
+        ref_key: the input image key whose meta holds ``original_affine`` (the voxel volume).
+        result_key: the result JSON key.
+        remove_dose: drop the dose volume from the data afterwards (nothing downstream needs it).
+        allow_missing_keys: skip missing keys instead of raising.
+
+    Example:
+        >>> d = DoseSummaryd("pred", structure_names=["Rectum"])(
+        ...     {"pred": torch.ones(1, 2, 2, 2), "dose": torch.full((1, 2, 2, 2), 2.0)})
+        >>> d["result"]["dose"]["structures"]["Rectum"]["mean"]
+        2.0
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        dose_key: str = "dose",
+        structure_names: Sequence[str] = (),
+        ref_key: str = "image",
+        result_key: str = "result",
+        remove_dose: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.dose_key, self.ref_key, self.result_key = dose_key, ref_key, result_key
+        self.structure_names = [str(n) for n in structure_names]
+        self.remove_dose = remove_dose
+
+    def _voxel_volume(self, d: Mapping[Hashable, Any]) -> float:
+        ref = d.get(self.ref_key)
+        meta = ref.meta if isinstance(ref, MetaTensor) else d.get(f"{self.ref_key}_meta_dict", {})
+        affine = meta.get("original_affine") if meta else None
+        if affine is None:
+            return 1.0
+        return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            labels = torch.as_tensor(d[key]).detach().cpu()
+            labels = labels.argmax(0) if labels.shape[0] > 1 else labels[0]
+            dose = torch.as_tensor(d[self.dose_key]).detach().cpu().float()[0].clamp_min(0)
+            result = dict(d.get(self.result_key) or {})
+            result["dose"] = dose_summary(
+                dose.numpy(), labels.numpy().astype(np.int64), self.structure_names, self._voxel_volume(d)
+            )
+            d[self.result_key] = result
+            if self.remove_dose:
+                d.pop(self.dose_key, None)
+        return d
