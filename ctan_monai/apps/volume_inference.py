@@ -22,6 +22,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
 from ctan_monai.data.dicom_rt import DicomDecodeError, DicomSeriesError, read_ct_series
+from ctan_monai.metrics.dose import dvh_metrics
 
 __all__ = ["DoseSummaryd", "InputImageError", "LoadCTVolumed", "check_input_file", "dose_summary"]
 
@@ -183,24 +184,27 @@ class LoadCTVolumed(MapTransform):
         return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=affine, meta=meta)
 
 
-def dose_summary(dose: np.ndarray, labels: np.ndarray, names: Sequence[str], voxel_volume_mm3: float) -> dict[str, Any]:
+def dose_summary(
+    dose: np.ndarray, labels: np.ndarray, names: Sequence[str], voxel_spacing_mm: Sequence[float]
+) -> dict[str, Any]:
     """Summarise a dose volume over each structure of a label map.
 
     Args:
         dose: the dose (Gy), any shape.
         labels: the label map of the same shape (0 background, ``k`` the ``k``-th of ``names``).
         names: the structure names, label 1 first.
-        voxel_volume_mm3: the volume of one voxel.
+        voxel_spacing_mm: the voxel dimensions in mm (for the volumes and the voxel count of 0.1 cc).
 
     Returns:
         ``{"unit": "Gy", "max": ..., "structures": {name: {"volume_cc", "mean", "max", "D0.1cc"}}}``; a structure
-        that the label map does not hold gets ``volume_cc`` 0 and no dose values.
+        that the label map does not hold gets ``volume_cc`` 0 and no dose values. D0.1cc and the mean are the
+        OpenKBP definitions the evaluation uses (``ctan_monai.metrics.dose.dvh_metrics``).
 
     Raises:
         ValueError: when ``dose`` and ``labels`` differ in shape.
 
     Example:
-        >>> s = dose_summary(np.full((2, 2, 2), 5.0), np.ones((2, 2, 2), dtype=np.uint8), ["Bladder"], 1000.0)
+        >>> s = dose_summary(np.full((2, 2, 2), 5.0), np.ones((2, 2, 2), dtype=np.uint8), ["Bladder"], (10, 10, 10))
         >>> s["structures"]["Bladder"]["mean"], s["structures"]["Bladder"]["volume_cc"]
         (5.0, 8.0)
     """
@@ -208,19 +212,19 @@ def dose_summary(dose: np.ndarray, labels: np.ndarray, names: Sequence[str], vox
     labels = np.asarray(labels)
     if dose.shape != labels.shape:
         raise ValueError(f"dose {dose.shape} and label map {labels.shape} differ in shape")
+    voxel_cc = float(np.prod(np.asarray(voxel_spacing_mm, dtype=np.float64))) / 1000.0
+    masks = {str(name): labels == k for k, name in enumerate(names, start=1)}
+    oar_metrics = dvh_metrics(dose, masks, voxel_spacing_mm, targets=())  # structures with at least one voxel
     structures: dict[str, Any] = {}
-    for k, name in enumerate(names, start=1):
-        values = dose[labels == k]
-        entry: dict[str, Any] = {"volume_cc": round(float(values.size * voxel_volume_mm3 / 1000.0), 3)}
-        if values.size:
-            ranked = np.sort(values)[::-1]
-            n_01cc = max(1, int(math.ceil(100.0 / voxel_volume_mm3)))  # voxels in 0.1 cc
+    for name, inside in masks.items():
+        entry: dict[str, Any] = {"volume_cc": round(float(inside.sum()) * voxel_cc, 3)}
+        if name in oar_metrics:
             entry.update(
-                mean=round(float(values.mean()), 3),
-                max=round(float(ranked[0]), 3),
-                **{"D0.1cc": round(float(ranked[min(n_01cc, ranked.size) - 1]), 3)},
+                mean=round(oar_metrics[name]["mean"], 3),
+                max=round(float(dose[inside].max()), 3),
+                **{"D0.1cc": round(oar_metrics[name]["D_0.1_cc"], 3)},
             )
-        structures[str(name)] = entry
+        structures[name] = entry
     return {"unit": "Gy", "max": round(float(dose.max()) if dose.size else 0.0, 3), "structures": structures}
 
 
@@ -260,13 +264,13 @@ class DoseSummaryd(MapTransform):
         self.structure_names = [str(n) for n in structure_names]
         self.remove_dose = remove_dose
 
-    def _voxel_volume(self, d: Mapping[Hashable, Any]) -> float:
+    def _voxel_spacing(self, d: Mapping[Hashable, Any]) -> tuple[float, ...]:
         ref = d.get(self.ref_key)
         meta = ref.meta if isinstance(ref, MetaTensor) else d.get(f"{self.ref_key}_meta_dict", {})
         affine = meta.get("original_affine") if meta else None
         if affine is None:
-            return 1.0
-        return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+            return (1.0, 1.0, 1.0)
+        return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -276,7 +280,7 @@ class DoseSummaryd(MapTransform):
             dose = torch.as_tensor(d[self.dose_key]).detach().cpu().float()[0].clamp_min(0)
             result = dict(d.get(self.result_key) or {})
             result["dose"] = dose_summary(
-                dose.numpy(), labels.numpy().astype(np.int64), self.structure_names, self._voxel_volume(d)
+                dose.numpy(), labels.numpy().astype(np.int64), self.structure_names, self._voxel_spacing(d)
             )
             d[self.result_key] = result
             if self.remove_dose:
