@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -17,6 +18,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CTAN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 # Extraction cache: reused across runs of the suite on one machine; CI points it at a fresh folder.
 CACHE_ROOT = Path(os.environ.get("CTAN_TEST_CACHE", REPO_ROOT / ".cache" / "test-data"))
+
+
+def _share_threads_between_workers() -> None:
+    """Under pytest-xdist (``-n``), give each worker its share of the cores: the workers' torch threads and the
+    commands they start (``OMP_NUM_THREADS``) would otherwise oversubscribe the CPU. An explicit
+    ``OMP_NUM_THREADS`` is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_threads_between_workers()
 
 
 def _require_shared() -> bool:
@@ -42,12 +55,16 @@ def extract_shared_archive(relative: str) -> Path:
     archive = shared_file(relative)
     target = CACHE_ROOT / Path(relative).name.split(".")[0]
     marker = target / ".extracted"
-    if marker.exists() and marker.read_text() == f"{archive.stat().st_size}":
-        return target
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(target, filter="data")
-    marker.write_text(f"{archive.stat().st_size}")
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    # one extraction at a time: pytest-xdist workers share the cache and may ask for one archive at once
+    with open(CACHE_ROOT / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and marker.read_text() == f"{archive.stat().st_size}":
+            return target
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        marker.write_text(f"{archive.stat().st_size}")
     return target
 
 
@@ -138,3 +155,23 @@ def bundle_copy(tmp_path_factory) -> Path:
     shutil.copytree(OPENKBP_BUNDLE / "configs", root / "configs")
     (root / "models").mkdir()
     return root
+
+
+# the longest test files, run first so that pytest-xdist (``-n auto --dist loadfile``) has the short ones left to
+# balance the workers at the end (measured on the 2-core CI machine; order only, nothing is skipped)
+LONG_TEST_FILES = (
+    "test_compare.py",
+    "test_openkbp_bundle.py",
+    "test_prostate_bundle.py",
+    "test_ham10000_bundle.py",
+    "test_monailabel_server.py",
+    "test_openkbp_inference.py",
+    "test_stoic_bundle.py",
+    "test_reliability_kill_loop.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Put the long test files first (stable: the order within a file is kept)."""
+    rank = {name: i for i, name in enumerate(LONG_TEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

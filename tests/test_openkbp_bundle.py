@@ -26,7 +26,7 @@ DEMO_DOSE_RATIO = 0.9
 
 
 def _bundle_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     return subprocess.Popen(
         [sys.executable, "-m", "monai.bundle", *args],
         cwd=cwd,
