@@ -133,7 +133,10 @@ def test_rasterise_even_odd_rule_holes_and_several_contours() -> None:
     # voxel centres (odd mm), so the expected voxels are exact.
     outer, hole, other = square(-9, 11, 6, 26, 103), square(-3, 5, 12, 20, 103), square(15, 21, 30, 40, 103)
     mask, notes = rasterise_contours([outer, hole, other, square(0, 4, 6, 10, 500)], reference)
-    assert notes == ["1 contour(s) lie outside the CT's slices"]
+    (note,) = notes
+    assert note.startswith(
+        "1 contour(s) lie outside the CT's slices (z 500.00..500.00 mm; the slices span 100.00..106.00"
+    )
     x = -10.0 + 2.0 * np.arange(20)
     y = 5.0 + 2.0 * np.arange(20)
     yy, xx = np.meshgrid(y, x, indexing="ij")
@@ -183,8 +186,10 @@ def test_overlap_rule_first_organ_wins(tmp_path: Path) -> None:
     second = _read(tmp_path / "b" / result.entries[0]["label"])
     assert (first == 1).sum() > 20 and (first > 0).sum() == (second > 0).sum()
     np.testing.assert_array_equal(second == 1, first > 0)  # PTV first: the prostate disappears under it
-    # Still "annotated" (class present), though hidden: presence is about the RTSTRUCT, not the painted label.
-    assert not (second == 2).any() and result.entries[0]["label_class_present"] == [1, 1, 1]
+    # Hidden entirely: absent from the label map, so marked absent (not "annotated, no voxels"), with a warning.
+    assert not (second == 2).any() and result.entries[0]["label_class_present"] == [1, 1, 0]
+    (warning,) = [w.message for w in result.warnings if "'Prostate'" in w.message]
+    assert "entirely inside PTV" in warning and "label_class_present 0" in warning
 
 
 # --- reports of cases that cannot be converted ---------------------------------------------------------------------

@@ -11,7 +11,17 @@ Output layout (``output_dir``)::
 
 Geometry: DICOM positions are in LPS; SimpleITK keeps them in LPS in memory and writes the NIfTI qform/sform in
 RAS (x and y negated), so nibabel and MONAI read the correct RAS affine.
-Overlap rule: a voxel inside several organs gets the organ listed first in ``organs``.
+Overlap rule: a voxel inside several organs gets the organ listed first in ``organs``; an organ left without voxels
+in the label map (inside organs listed before it) is marked absent in ``label_class_present``, with a warning.
+Contours: even-odd rule within one contour plane (holes, islands in holes), never across planes; each CT slice shows
+the contour plane nearest to it within half a slice spacing, with warnings counting contours off the slice planes, not
+used, or beyond the slices (see :func:`~ctan_monai.data.dicom_rt.rtstruct.rasterise_contours`).
+Pairing: an RTSTRUCT / RTDOSE stored in another study of the patient is paired with the CT it refers to (see
+:mod:`~ctan_monai.data.dicom_rt.discovery`); with several CT series in a study, the one the RTSTRUCT refers to is used.
+Missing slices: uneven slice gaps fail the study (:func:`~ctan_monai.data.dicom_rt.ct_series.read_ct_series`); signs
+of slices missing at regular intervals (even gaps) are warnings (gaps of 1.5 or more SliceThicknesses, a
+SpacingBetweenSlices that differs, skipped InstanceNumbers, contour planes halfway between the slices); CT images that
+the RTSTRUCT refers to but the series lacks fail the study.
 """
 
 from __future__ import annotations
@@ -28,12 +38,19 @@ import SimpleITK as sitk  # noqa: N813 (the conventional SimpleITK alias)
 
 from ctan_monai.data.dicom_rt.body import body_mask_from_ct
 from ctan_monai.data.dicom_rt.ct_series import DicomSeriesError, read_ct_series
-from ctan_monai.data.dicom_rt.discovery import DicomFile, DicomRTStudy, find_studies
+from ctan_monai.data.dicom_rt.discovery import (
+    DicomFile,
+    DicomRTStudy,
+    describe_series,
+    find_studies,
+    pick_ct_for_rtstruct,
+    rtstruct_references,
+)
 from ctan_monai.data.dicom_rt.pixels import DicomDecodeError
 from ctan_monai.data.dicom_rt.rtdose import DoseUnitsError, dose_support, read_rtdose, resample_dose
 from ctan_monai.data.dicom_rt.rtstruct import RTStruct, rasterise_contours, read_rtstruct
 from ctan_monai.data.dicom_rt.synonyms import BODY_SYNONYMS, PROSTATE_ORGANS, build_synonym_table, match_rois
-from ctan_monai.data.validation import DataProblem, ValidationReport
+from ctan_monai.data.validation import DataProblem, DatasetValidationError, ValidationReport
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json
 
 __all__ = ["CaseConversionError", "ConversionResult", "convert_study", "convert_dicom_rt"]
@@ -89,17 +106,48 @@ def _study_folder(study: DicomRTStudy) -> str:
     return os.path.commonpath([str(p.parent) for p in paths]) if paths else study.case_id
 
 
+def _modalities(study: DicomRTStudy) -> str:
+    """What a study holds, for messages: its series by modality, with their SeriesInstanceUIDs."""
+    return "; ".join(describe_series(s) for s in sorted(study.series.values(), key=lambda s: s.modality)) or "nothing"
+
+
 def _pick_rtstruct(
     study: DicomRTStudy, problems: list[DataProblem], warnings: list[DataProblem]
 ) -> tuple[RTStruct | None, list[DicomFile]]:
-    """Choose the CT series and the RTSTRUCT of a study; record why when that is impossible."""
+    """Choose the CT series and the RTSTRUCT of a study; record why when that is impossible.
+
+    With several CT series, the one an RTSTRUCT refers to is chosen (see
+    :func:`~ctan_monai.data.dicom_rt.discovery.pick_ct_for_rtstruct`: the images its contours refer to, the series
+    it names, its frame of reference); the others are left out with a warning.
+
+    Args:
+        study: the study.
+        problems: receives why the study cannot be converted, naming its series and study.
+        warnings: receives what was chosen when there was a choice.
+
+    Returns:
+        ``(struct, ct_files)``: the structure set and the files of its CT series; ``(None, [])`` on a problem.
+    """
     case, folder = study.case_id, _study_folder(study)
     cts = study.of_modality("CT")
     struct_files = [f for s in study.of_modality("RTSTRUCT") for f in sorted(s.files, key=lambda f: str(f.path))]
     if not cts:
-        problems.append(DataProblem(folder, "no CT series in this study (missing modality CT)", case))
+        problems.append(
+            DataProblem(
+                folder,
+                f"no CT series in this study (missing modality CT); study {study.study_uid} holds {_modalities(study)}",
+                case,
+            )
+        )
     if not struct_files:
-        problems.append(DataProblem(folder, "no RTSTRUCT in this study (missing modality RTSTRUCT)", case))
+        problems.append(
+            DataProblem(
+                folder,
+                f"no RTSTRUCT in this study (missing modality RTSTRUCT); study {study.study_uid} holds "
+                f"{_modalities(study)}",
+                case,
+            )
+        )
     structs: list[RTStruct] = []
     for f in struct_files:
         try:
@@ -108,23 +156,48 @@ def _pick_rtstruct(
             problems.append(DataProblem(str(f.path), f"unreadable RTSTRUCT: {err}", case))
     if not cts or not structs:
         return None, []
-    ct_uids = {s.series_uid for s in cts}
-    referenced = [s for s in structs if s.referenced_series & ct_uids]
     if len(cts) == 1:
         ct = cts[0]
-    elif referenced:
-        ct = study.series[sorted(referenced[0].referenced_series & ct_uids)[0]]
     else:
-        problems.append(
-            DataProblem(folder, f"{len(cts)} CT series and no RTSTRUCT refers to one of them; cannot choose", case)
+        decided = []
+        reasons = []
+        for struct in structs:
+            chosen, reason = pick_ct_for_rtstruct(struct, cts)
+            if chosen is not None:
+                decided.append((struct, chosen, reason))
+            reasons.append(f"RTSTRUCT {struct.path}: {reason}")
+        if not decided:
+            problems.append(
+                DataProblem(
+                    folder,
+                    f"study {study.study_uid} has {len(cts)} CT series ({', '.join(describe_series(c) for c in cts)}) "
+                    f"and no RTSTRUCT decides which one it was drawn on; cannot choose. " + "; ".join(reasons),
+                    case,
+                )
+            )
+            return None, []
+        struct, ct, reason = decided[0]
+        others = ", ".join(describe_series(c) for c in cts if c is not ct)
+        warnings.append(
+            DataProblem(
+                struct.path,
+                f"study {study.study_uid} has {len(cts)} CT series: converted {describe_series(ct)}, the one this "
+                f"RTSTRUCT was drawn on ({reason}); left out: {others}",
+                case,
+            )
         )
-        return None, []
-    candidates = [s for s in structs if ct.series_uid in s.referenced_series] or [
+    candidates = [s for s in structs if any(rtstruct_references(s, ct)[:2])] or [
         s for s in structs if not s.referenced_series
     ]
     if not candidates:
+        named = sorted(set().union(*(s.referenced_series for s in structs)))
         problems.append(
-            DataProblem(struct_files[0].path.as_posix(), "no RTSTRUCT refers to the CT series of this study", case)
+            DataProblem(
+                struct_files[0].path.as_posix(),
+                f"no RTSTRUCT refers to the CT series of this study ({describe_series(ct)}, study "
+                f"{study.study_uid}): they name series {', '.join(named)} and refer to none of its images",
+                case,
+            )
         )
         return None, []
     if len(candidates) > 1:
@@ -185,6 +258,26 @@ def _missing_ct_images(struct: RTStruct, ct_files: Sequence[DicomFile]) -> list[
     return sorted(expected - present)
 
 
+def _empty_reason(n_contours: int, skipped: int, notes: Sequence[str]) -> str:
+    """Why an ROI is empty on the CT grid, in words.
+
+    Args:
+        n_contours: its closed planar contours.
+        skipped: its contours that are not closed planar polygons (points, open lines).
+        notes: what the rasterisation said about its contours.
+
+    Returns:
+        the reason.
+    """
+    if n_contours == 0:
+        return (
+            f"it has no closed planar contours ({skipped} point or open contour(s) left out)"
+            if skipped
+            else "it has no contours"
+        )
+    return "; ".join(notes) or "its contours enclose no voxel centre"
+
+
 def convert_study(
     study: DicomRTStudy,
     output_dir: str | os.PathLike[str],
@@ -203,12 +296,15 @@ def convert_study(
         body_threshold_hu: HU threshold of the body mask when the RTSTRUCT has no external contour.
 
     Returns:
-        ``(entry, warnings)``: the manifest entry (paths relative to ``output_dir``) and non-fatal problems.
+        ``(entry, warnings)``: the manifest entry (paths relative to ``output_dir``; ``label_class_present`` says
+        which organs have voxels in the label map) and non-fatal problems (pairings with other studies, contours off
+        the slice planes, signs of missing slices, organs emptied by the overlap rule, ...).
 
     Raises:
         CaseConversionError: listing every reason the study cannot be converted (missing modality, no ROI matching
             any organ, mixed frames of reference, dose grid outside the CT, unreadable or irregular files, CT images
-            the RTSTRUCT refers to that the series lacks, NaN / negative / implausibly high dose).
+            the RTSTRUCT refers to that the series lacks, NaN / negative / implausibly high dose, several CT series of
+            which no RTSTRUCT decides one, every matched ROI empty on the CT grid (with each ROI's reason)).
 
     Example:
         >>> import tempfile
@@ -226,10 +322,10 @@ def convert_study(
         DataProblem(p.file, f"{p.message}; it lies among this study's files (move it away if it is not one)", case)
         for p in study.unreadable
     ]
-    warnings: list[DataProblem] = []
+    warnings: list[DataProblem] = list(study.notes)  # how series of other studies were paired with this one
     struct, ct_files = _pick_rtstruct(study, problems, warnings)
     if struct is None:
-        raise CaseConversionError(problems)
+        raise CaseConversionError(problems + study.notes)  # the notes say why series of other studies did not pair
     missing = _missing_ct_images(struct, ct_files)
     if missing:
         listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -273,33 +369,65 @@ def convert_study(
         )
     if problems:  # before reading the CT, the slowest step
         raise CaseConversionError(problems)
+    series_notes: list[str] = []
     try:
-        ct = read_ct_series([f.path for f in ct_files])
+        ct = read_ct_series([f.path for f in ct_files], series_notes)
     except (DicomSeriesError, DicomDecodeError) as err:
         raise CaseConversionError([DataProblem(ct_folder, f"CT series cannot be read: {err}", case)]) from None
+    warnings.extend(DataProblem(ct_folder, note, case) for note in series_notes)
 
     label = np.zeros(sitk.GetArrayViewFromImage(ct).shape, dtype=np.uint8)
-    present = [1]
     organs = list(synonym_table)
     masks: dict[str, np.ndarray] = {}
+    empty: list[str] = []  # why each matched ROI is empty, for the message when all are
     for organ in organs:
         roi_name = matched[organ]
         if roi_name is None:
             warnings.append(DataProblem(struct.path, f"no ROI matches organ {organ!r}; its class is absent", case))
             continue
-        mask, notes = rasterise_contours(struct.rois[roi_name].contours, ct)
+        roi = struct.rois[roi_name]
+        mask, notes = rasterise_contours(roi.contours, ct)
         warnings.extend(DataProblem(struct.path, f"ROI {roi_name!r}: {note}", case) for note in notes)
         if not mask.any():
-            warnings.append(DataProblem(struct.path, f"ROI {roi_name!r} ({organ}) is empty on the CT grid", case))
+            reason = _empty_reason(len(roi.contours), roi.skipped, notes)
+            empty.append(f"ROI {roi_name!r} ({organ}): {reason}")
+            warnings.append(
+                DataProblem(struct.path, f"ROI {roi_name!r} ({organ}) is empty on the CT grid: {reason}", case)
+            )
             continue
         masks[organ] = mask
+    if not masks:
+        unmatched = [organ for organ in organs if matched[organ] is None]
+        raise CaseConversionError(
+            [
+                DataProblem(
+                    struct.path,
+                    "every matched ROI is empty on the CT grid: "
+                    + "; ".join(empty)
+                    + (f"; no ROI matches {', '.join(unmatched)}" if unmatched else ""),
+                    case,
+                )
+            ]
+        )
     # Earlier organs win overlaps: paint in reverse order so that they are painted last.
     for index in range(len(organs), 0, -1):
         if organs[index - 1] in masks:
             label[masks[organs[index - 1]]] = index
-    present += [int(organ in masks) for organ in organs]
-    if not masks:
-        raise CaseConversionError([DataProblem(struct.path, "every matched ROI is empty on the CT grid", case)])
+    # Presence is what the label map holds: an ROI that organs listed before it cover entirely is absent there.
+    painted = np.bincount(label.ravel(), minlength=len(organs) + 1) > 0
+    present = [1] + [int(painted[index]) for index in range(1, len(organs) + 1)]
+    for index, organ in enumerate(organs, start=1):
+        if organ in masks and not painted[index]:
+            cover = [o for o in organs[: index - 1] if o in masks and (masks[o] & masks[organ]).any()]
+            warnings.append(
+                DataProblem(
+                    struct.path,
+                    f"ROI {matched[organ]!r} ({organ}, {int(masks[organ].sum())} voxels) lies entirely inside "
+                    f"{', '.join(cover)}, listed before it, which take the overlap: 0 voxels remain in the label map, "
+                    "so its class is marked absent (label_class_present 0); list it earlier to keep it",
+                    case,
+                )
+            )
 
     out = Path(output_dir)
     case_dir = out / case
@@ -380,8 +508,8 @@ def convert_dicom_rt(
         the manifest entries, the report of failures and the warnings.
 
     Raises:
-        DatasetValidationError: listing every failed study (unless ``skip_bad``), or when no study was found or none
-            converted.
+        DatasetValidationError: listing every failed study (unless ``skip_bad``; the message suggests ``--skip-bad``
+            when other studies converted), or when no study was found or none converted.
         ValueError: when the organs or synonyms are inconsistent.
 
     Example:
@@ -426,20 +554,29 @@ def convert_dicom_rt(
     )
     if not entries:
         report.raise_if_problems()
-    if report.ok or skip_bad:
-        result.manifest_path = out / "manifest.json"
-        atomic_write_json(
-            result.manifest_path,
-            {
-                "organs": list(table),
-                "label_names": ["background", *table],
-                "synonyms": table,
-                "coordinates": "NIfTI RAS affine (SimpleITK converts DICOM LPS)",
-                "overlap_rule": "a voxel in several organs gets the organ listed first",
-                "dose_mask": "dose grid support intersected with the body (external ROI, else CT threshold)",
-                "cases": entries,
-            },
+    if not (report.ok or skip_bad):
+        failed = report.bad_cases()
+        raise DatasetValidationError(
+            report.problems,
+            f"DICOM-RT {input_dir} ({len(failed)} of {len(studies)} studies failed and {len(entries)} converted, but "
+            "no manifest was written: rerun with --skip-bad (python -m ctan_monai.data.dicom_rt convert; skip_bad=True "
+            "in Python) to write the manifest of the converted studies, the failed ones stay listed in "
+            f"{result.report_path})",
         )
-    else:
-        report.raise_if_problems()
+    result.manifest_path = out / "manifest.json"
+    atomic_write_json(
+        result.manifest_path,
+        {
+            "organs": list(table),
+            "label_names": ["background", *table],
+            "synonyms": table,
+            "coordinates": "NIfTI RAS affine (SimpleITK converts DICOM LPS)",
+            "overlap_rule": "a voxel in several organs gets the organ listed first; an organ without voxels left in "
+            "the label map is marked absent in label_class_present",
+            "contour_rule": "even-odd within a contour plane, never across planes; each CT slice shows the contour "
+            "plane nearest to it within half a slice spacing",
+            "dose_mask": "dose grid support intersected with the body (external ROI, else CT threshold)",
+            "cases": entries,
+        },
+    )
     return result

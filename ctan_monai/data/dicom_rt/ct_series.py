@@ -11,10 +11,12 @@ import SimpleITK as sitk  # noqa: N813 (the conventional SimpleITK alias)
 
 from ctan_monai.data.dicom_rt.pixels import pixel_array
 
-__all__ = ["DicomSeriesError", "slice_geometry", "read_ct_series"]
+__all__ = ["DicomSeriesError", "slice_geometry", "missing_slice_notes", "read_ct_series"]
 
 # Relative tolerance on slice gaps; scanners write positions with a few decimals.
 _GAP_TOLERANCE = 0.01
+# A slice gap this many times the SliceThickness or more suggests missing slices (every other one: twice).
+_GAP_PER_THICKNESS = 1.5
 
 
 class DicomSeriesError(ValueError):
@@ -59,15 +61,84 @@ def slice_geometry(ds: pydicom.Dataset, path: str | os.PathLike[str]) -> tuple[n
     return position, orientation / norms[:, None], np.asarray([col_spacing, row_spacing])
 
 
-def read_ct_series(paths: Sequence[str | os.PathLike[str]]) -> sitk.Image:
+def _float_tag(ds: pydicom.Dataset, keyword: str) -> float | None:
+    """A positive numeric tag of ``ds``, or None when it is absent, empty, malformed or not positive."""
+    try:
+        value = float(ds.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def missing_slice_notes(datasets: Sequence[pydicom.Dataset], step: float) -> list[str]:
+    """Signs that slices are missing from an evenly spaced CT series (every other one, say), which the even gaps hide.
+
+    Three signs are looked for: slice gaps of at least 1.5 times the SliceThickness (twice it when every other slice
+    is missing); a SpacingBetweenSlices that differs from the measured gap; InstanceNumbers that run along the slice
+    position but skip numbers. None of them proves a loss (a scan may be taken with gaps), so they are notes, not
+    errors. Uneven gaps are errors of :func:`read_ct_series` itself; images that the RTSTRUCT refers to but the series
+    lacks are errors of the conversion.
+
+    Args:
+        datasets: the slices' headers, ordered along the slice normal.
+        step: the measured gap between neighbouring slices, mm.
+
+    Returns:
+        one note per sign found, naming the series (SeriesInstanceUID) and the values.
+
+    Example:
+        >>> a, b = pydicom.Dataset(), pydicom.Dataset()
+        >>> a.SeriesInstanceUID = b.SeriesInstanceUID = "1.2.3"
+        >>> a.SliceThickness = b.SliceThickness = "2.0"
+        >>> missing_slice_notes([a, b], 4.0)[0][:60]
+        'CT series 1.2.3: its slices are 4.000 mm apart but 2.000 mm '
+    """
+    if len(datasets) < 2:
+        return []
+    series = f"CT series {datasets[0].get('SeriesInstanceUID', '(no SeriesInstanceUID)')}"
+    notes = []
+    thickness = [_float_tag(ds, "SliceThickness") for ds in datasets]
+    if all(t is not None for t in thickness):
+        typical = float(np.median(np.asarray(thickness, dtype=np.float64)))
+        if step >= _GAP_PER_THICKNESS * typical * (1 - _GAP_TOLERANCE):
+            notes.append(
+                f"{series}: its slices are {step:.3f} mm apart but {typical:.3f} mm thick (SliceThickness), "
+                f"{step / typical:.2g} times: slices may be missing (every other one?), or the scan was taken with "
+                "gaps between slices"
+            )
+    nominal = _float_tag(datasets[0], "SpacingBetweenSlices")
+    if nominal is not None and abs(step - nominal) > _GAP_TOLERANCE * nominal:
+        notes.append(
+            f"{series}: its slices are {step:.3f} mm apart, not the {nominal:.3f} mm of its SpacingBetweenSlices: "
+            "slices may be missing"
+        )
+    try:
+        numbers = np.asarray([int(ds.InstanceNumber) for ds in datasets])
+    except (AttributeError, TypeError, ValueError):
+        return notes
+    steps = np.diff(numbers)
+    if ((steps > 0).all() or (steps < 0).all()) and (np.abs(steps) > 1).any():
+        lacking = int(abs(numbers[-1] - numbers[0]) + 1 - len(numbers))
+        notes.append(
+            f"{series}: its InstanceNumbers run along the slice position from {numbers[0]} to {numbers[-1]} but "
+            f"{lacking} of them are absent: slices may be missing"
+        )
+    return notes
+
+
+def read_ct_series(paths: Sequence[str | os.PathLike[str]], notes: list[str] | None = None) -> sitk.Image:
     """Read the slices of one CT series into a volume in Hounsfield units.
 
     Slices are ordered by their position along the slice normal (not by file name or InstanceNumber); the volume's
     origin, spacing and direction come from ImagePositionPatient, PixelSpacing, ImageOrientationPatient and the
     measured slice gap (not SliceThickness), in DICOM's LPS patient frame as SimpleITK expects.
 
+    Evenly spaced slices read without error even when some are missing at regular intervals (every other slice, say):
+    :func:`missing_slice_notes` then appends its signs of a loss to ``notes``.
+
     Args:
         paths: the files of the series, in any order.
+        notes: a list that receives notes on the series that do not stop the reading (signs of missing slices).
 
     Returns:
         a 3D image, int16 when RescaleSlope/RescaleIntercept keep the values integral, float32 otherwise.
@@ -122,6 +193,8 @@ def read_ct_series(paths: Sequence[str | os.PathLike[str]]) -> sitk.Image:
                 f"{slices[worst][0]}: slice positions are not along the slice normal (gantry tilt / sheared "
                 "stack), which a regular volume cannot represent"
             )
+        if notes is not None:
+            notes.extend(missing_slice_notes([s[1] for s in slices], step))
     else:
         step = float(ds0.get("SliceThickness", 0) or 0) or 1.0
     volume = []

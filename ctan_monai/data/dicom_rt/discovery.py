@@ -1,4 +1,10 @@
-"""Find DICOM-RT cases in a folder tree by their tags (never by file names or order)."""
+"""Find DICOM-RT cases in a folder tree by their tags (never by file names or order).
+
+Files are grouped into studies (PatientID + StudyInstanceUID). An RTSTRUCT or RTDOSE stored in a study of its own
+(without a CT series) is paired with the CT series of the same patient that it refers to in another study: the
+series its RTSTRUCT names or whose images its contours refer to, else the only CT series in its frame of reference
+(see :func:`pick_ct_for_rtstruct`).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,19 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ctan_monai.data.dicom_rt.rtstruct import RTStruct, read_rtstruct
 from ctan_monai.data.validation import DataProblem
 
-__all__ = ["DicomFile", "DicomSeries", "DicomRTStudy", "scan_dicom_files", "find_studies"]
+__all__ = [
+    "DicomFile",
+    "DicomSeries",
+    "DicomRTStudy",
+    "scan_dicom_files",
+    "find_studies",
+    "describe_series",
+    "pick_ct_for_rtstruct",
+    "rtstruct_references",
+]
 
 # Only these tags are needed to group files; reading stops before the pixel data so a scan stays fast.
 _HEADER_TAGS = [
@@ -74,6 +90,12 @@ class DicomSeries:
         """The file paths of the series."""
         return [f.path for f in self.files]
 
+    @property
+    def frame_of_reference(self) -> str:
+        """The FrameOfReferenceUID of its files ("" when none has one; the first when they differ)."""
+        frames = sorted({f.frame_of_reference for f in self.files if f.frame_of_reference})
+        return frames[0] if frames else ""
+
 
 @dataclass
 class DicomRTStudy:
@@ -85,6 +107,8 @@ class DicomRTStudy:
         study_uid: StudyInstanceUID.
         series: its series, by SeriesInstanceUID.
         unreadable: unreadable DICOM files in the folders of this study's files (and of no other study's).
+        notes: how RTSTRUCT / RTDOSE series stored in another study of the patient were paired with this study's CT,
+            or why a series of this study could not be paired with a CT series of another study.
     """
 
     case_id: str
@@ -92,6 +116,7 @@ class DicomRTStudy:
     study_uid: str
     series: dict[str, DicomSeries] = field(default_factory=dict)
     unreadable: list[DataProblem] = field(default_factory=list)
+    notes: list[DataProblem] = field(default_factory=list)
 
     def of_modality(self, modality: str) -> list[DicomSeries]:
         """The series of one modality (e.g. ``"CT"``), ordered by SeriesInstanceUID for determinism."""
@@ -191,13 +216,202 @@ def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "anonymous"
 
 
+def describe_series(series: DicomSeries) -> str:
+    """A series in words for messages: modality, SeriesInstanceUID, file count and folder.
+
+    Args:
+        series: the series.
+
+    Returns:
+        e.g. ``"CT series 1.2.3 (120 files in /data/p1/ct)"``.
+
+    Example:
+        >>> describe_series(DicomSeries("1.2.3", "CT", [DicomFile(Path("/d/a.dcm"), "p", "s", "1.2.3", "4", "CT")]))
+        'CT series 1.2.3 (1 file(s) in /d)'
+    """
+    folders = sorted({str(f.path.parent) for f in series.files})
+    where = folders[0] + (f" and {len(folders) - 1} other folder(s)" if len(folders) > 1 else "") if folders else "-"
+    return f"{series.modality} series {series.series_uid} ({len(series.files)} file(s) in {where})"
+
+
+def rtstruct_references(struct: RTStruct, series: DicomSeries) -> tuple[int, bool, bool]:
+    """How a structure set refers to an image series.
+
+    Args:
+        struct: the structure set.
+        series: the image series.
+
+    Returns:
+        ``(hits, names, same_frame)``: how many images of the series its contours refer to (ContourImageSequence),
+        whether its RTReferencedSeriesSequence names the series or lists images of it, and whether it is in the
+        series' frame of reference.
+
+    Example:
+        >>> rtstruct_references(RTStruct("rs.dcm", {}, {"1.9"}, {"1.2"}), DicomSeries("1.2", "CT"))
+        (0, True, False)
+    """
+    sops = {f.sop_uid for f in series.files}
+    listed = set().union(*struct.series_images.values()) if struct.series_images else set()
+    names = series.series_uid in struct.referenced_series or bool(listed & sops)
+    return len(struct.contour_images & sops), names, series.frame_of_reference in struct.frames_of_reference
+
+
+def pick_ct_for_rtstruct(struct: RTStruct, cts: list[DicomSeries]) -> tuple[DicomSeries | None, str]:
+    """The CT series a structure set was drawn on, chosen among ``cts`` by what the structure set refers to.
+
+    Evidence, strongest first: the CT images its contours refer to (each contour's ContourImageSequence,
+    ReferencedSOPInstanceUID), then the series its RTReferencedSeriesSequence names (or whose images it lists); the
+    series with the most such references wins. Without any, the only CT series in its frame of reference is chosen.
+
+    Args:
+        struct: the structure set.
+        cts: the candidate CT series.
+
+    Returns:
+        ``(series, reason)``: the series (None when none or several qualify equally) and why, naming the series.
+
+    Example:
+        >>> pick_ct_for_rtstruct(RTStruct("rs.dcm", {}, set(), set()), [])
+        (None, 'there is no CT series to pair it with')
+    """
+    if not cts:
+        return None, "there is no CT series to pair it with"
+    evidence = {id(ct): rtstruct_references(struct, ct) for ct in cts}
+    referred = [ct for ct in cts if evidence[id(ct)][0] or evidence[id(ct)][1]]
+    if referred:
+        best = max(evidence[id(ct)][:2] for ct in referred)
+        top = [ct for ct in referred if evidence[id(ct)][:2] == best]
+        if len(top) == 1:
+            hits = best[0]
+            return top[0], f"its contours refer to {hits} image(s) of it" if hits else "it names that series"
+        return None, f"it refers equally to {', '.join(describe_series(ct) for ct in top)}"
+    same_frame = [ct for ct in cts if evidence[id(ct)][2]]
+    if len(same_frame) == 1:
+        return same_frame[0], (
+            f"it refers to no image of any CT series, and that is the only CT series in its frame of reference "
+            f"{same_frame[0].frame_of_reference}"
+        )
+    referred_to = ", ".join(f"series {uid}" for uid in sorted(struct.referenced_series)) or "no series"
+    frames = ", ".join(sorted(struct.frames_of_reference)) or "none"
+    candidates = ", ".join(describe_series(ct) for ct in (same_frame or cts))
+    return None, (
+        f"it refers to no image of {'these' if len(cts) > 1 else 'this'} CT series ({candidates}), names {referred_to}"
+        f", and its frames of reference ({frames}) "
+        + (f"are shared by {len(same_frame)} of them" if same_frame else "are not theirs")
+    )
+
+
+def _pair_across_studies(studies: list[DicomRTStudy]) -> list[DicomRTStudy]:
+    """Move RTSTRUCT / RTDOSE series of one patient's studies without CT into the study of the CT they belong to.
+
+    A study whose CT series already has an RTSTRUCT (or RTDOSE) of its own receives no second one (conservative:
+    the structure set in the CT's own study is kept); the series stays and a note says why. A study left without
+    CT, RTSTRUCT and RTDOSE is merged into the study its series went to.
+
+    Args:
+        studies: the studies of one patient.
+
+    Returns:
+        the studies that remain, with ``notes`` on each pairing and on each series that could not be paired.
+    """
+    with_ct = [study for study in studies if study.of_modality("CT")]
+    if not with_ct or len(studies) < 2:
+        return studies
+    cts = [ct for study in with_ct for ct in study.of_modality("CT")]
+    owner = {ct.series_uid: study for study in with_ct for ct in study.of_modality("CT")}
+    remaining = list(studies)
+    for orphan in [study for study in studies if not study.of_modality("CT")]:
+        moves: list[tuple[DicomSeries, DicomRTStudy]] = []
+        struct_targets: set[int] = set()
+        for series in orphan.of_modality("RTSTRUCT"):
+            first = sorted(series.files, key=lambda f: str(f.path))[0]
+            try:
+                struct = read_rtstruct(first.path)
+            except (ValueError, OSError):
+                continue  # the conversion reports the unreadable file
+            ct, reason = pick_ct_for_rtstruct(struct, cts)
+            where = f"this study (StudyInstanceUID {orphan.study_uid}) has no CT series"
+            if ct is None:
+                orphan.notes.append(
+                    DataProblem(
+                        str(first.path),
+                        f"{where}, and the patient's CT series in other studies do not decide which one this RTSTRUCT "
+                        f"was drawn on: {reason}",
+                    )
+                )
+                continue
+            target = owner[ct.series_uid]
+            if target.of_modality("RTSTRUCT"):
+                orphan.notes.append(
+                    DataProblem(
+                        str(first.path),
+                        f"{where}; this RTSTRUCT belongs to {describe_series(ct)} of study {target.study_uid} "
+                        f"({reason}), but that study has an RTSTRUCT of its own, which is used there",
+                    )
+                )
+                continue
+            moves.append((series, target))
+            struct_targets.add(id(target))
+            target.notes.append(
+                DataProblem(
+                    str(first.path),
+                    f"RTSTRUCT stored in study {orphan.study_uid}, paired with {describe_series(ct)} of study "
+                    f"{target.study_uid}: {reason}",
+                )
+            )
+        for series in orphan.of_modality("RTDOSE"):
+            first = sorted(series.files, key=lambda f: str(f.path))[0]
+            frame = series.frame_of_reference
+            targets = [owner[ct.series_uid] for ct in cts if frame and ct.frame_of_reference == frame]
+            unique = list({id(t): t for t in targets}.values())
+            followed = [t for t in unique if id(t) in struct_targets]
+            target = followed[0] if followed else (unique[0] if len(unique) == 1 else None)
+            where = f"this study (StudyInstanceUID {orphan.study_uid}) has no CT series"
+            if target is None:
+                listed = ", ".join(f"study {t.study_uid}" for t in unique) or "none of the patient's CT series"
+                orphan.notes.append(
+                    DataProblem(
+                        str(first.path),
+                        f"{where}, and this RTDOSE's frame of reference {frame or '(absent)'} is that of {listed}: "
+                        "cannot tell which CT it belongs to",
+                    )
+                )
+                continue
+            if target.of_modality("RTDOSE"):
+                orphan.notes.append(
+                    DataProblem(
+                        str(first.path),
+                        f"{where}; this RTDOSE is in the frame of reference of study {target.study_uid}, which has "
+                        "an RTDOSE of its own, used there",
+                    )
+                )
+                continue
+            moves.append((series, target))
+            target.notes.append(
+                DataProblem(
+                    str(first.path),
+                    f"RTDOSE stored in study {orphan.study_uid}, paired with the CT of study {target.study_uid} "
+                    f"(same frame of reference {frame})",
+                )
+            )
+        for series, target in moves:
+            target.series[series.series_uid] = orphan.series.pop(series.series_uid)
+        if moves and not any(orphan.of_modality(m) for m in ("CT", "RTSTRUCT", "RTDOSE")):
+            target = moves[0][1]
+            target.series.update(orphan.series)  # what is left (RTPLAN, ...) goes along
+            target.notes.extend(orphan.notes)
+            remaining.remove(orphan)
+    return remaining
+
+
 def find_studies(root: str | os.PathLike[str], unreadable: list[DataProblem] | None = None) -> list[DicomRTStudy]:
     """Group the DICOM files under ``root`` into studies (PatientID + StudyInstanceUID) and series.
 
     Files may sit in any folder layout and order; a patient may arrive as several series (CT, RTSTRUCT, RTDOSE,
-    RTPLAN) in separate folders. An unreadable DICOM file (see :func:`scan_dicom_files`) in a folder that holds the
-    files of one study only is listed in that study's ``unreadable`` (it is probably one of its files); every
-    unreadable file is also appended to ``unreadable``.
+    RTPLAN) in separate folders. An RTSTRUCT or RTDOSE stored in a study without CT is moved into the patient's study
+    whose CT it refers to (see the module docstring; ``notes`` of the study say so). An unreadable DICOM file (see
+    :func:`scan_dicom_files`) in a folder that holds the files of one study only is listed in that study's
+    ``unreadable`` (it is probably one of its files); every unreadable file is also appended to ``unreadable``.
 
     Args:
         root: a folder.
@@ -205,7 +419,7 @@ def find_studies(root: str | os.PathLike[str], unreadable: list[DataProblem] | N
 
     Returns:
         the studies, ordered by case id. ``case_id`` is the PatientID made file-name safe, with ``_study<k>`` appended
-        when a patient has several studies (k by StudyDate, then StudyInstanceUID).
+        when a patient has several studies (k by StudyDate, then StudyInstanceUID), counted after the pairing.
 
     Example:
         >>> import tempfile
@@ -222,13 +436,18 @@ def find_studies(root: str | os.PathLike[str], unreadable: list[DataProblem] | N
     studies: list[DicomRTStudy] = []
     for patient_id, keys in by_patient.items():
         keys.sort(key=lambda k: (min(f.study_date for f in grouped[k]), k[1]))
-        for k, key in enumerate(keys):
-            case_id = _safe_id(patient_id) + (f"_study{k + 1}" if len(keys) > 1 else "")
-            study = DicomRTStudy(case_id=case_id, patient_id=patient_id, study_uid=key[1])
+        own: list[DicomRTStudy] = []
+        for key in keys:
+            study = DicomRTStudy(case_id="", patient_id=patient_id, study_uid=key[1])
             for record in grouped[key]:
                 series = study.series.setdefault(record.series_uid, DicomSeries(record.series_uid, record.modality))
                 series.files.append(record)
-            studies.append(study)
+            own.append(study)
+        own = _pair_across_studies(own)
+        for k, study in enumerate(own):
+            study.case_id = _safe_id(patient_id) + (f"_study{k + 1}" if len(own) > 1 else "")
+            study.notes = [DataProblem(p.file, p.message, study.case_id) for p in study.notes]
+        studies.extend(own)
     folders: dict[Path, set[str]] = defaultdict(set)
     for study in studies:
         for series in study.series.values():
