@@ -4,7 +4,12 @@ Kim, Purdie and McIntosh, "Cross-Task Attention Network: Improving Multi-task Le
 Imaging Applications", MICCAI workshops 2023.
 """
 
+from ctan_monai.excepthook import install_excepthook
 from ctan_monai.tasks import TaskSpec, parse_tasks
+
+# A bundle run that stops on a dataset problem ends with that problem, not 30-100 lines below it with MONAI's
+# "Failed to evaluate ConfigExpression" (see ctan_monai.excepthook).
+install_excepthook()
 
 __version__ = "0.1.0"
 

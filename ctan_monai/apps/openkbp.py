@@ -20,10 +20,49 @@ from ctan_monai.data.openkbp import (
     load_manifest,
 )
 from ctan_monai.data.slices import load_case
+from ctan_monai.data.validation import DataProblem, DatasetValidationError
 
-__all__ = ["LoadCased", "prepare_openkbp"]
+__all__ = ["LoadCased", "OpenKBPSplits", "prepare_openkbp"]
 
 logger = logging.getLogger("ctan_monai.openkbp")
+
+
+class OpenKBPSplits(dict[str, list[dict[str, Any]]]):
+    """``{split: [entry, ...]}`` as :func:`prepare_openkbp` returns it, where asking for a split the dataset does not
+    have (``data['validation-pats']`` in the bundle's config) is a ``DatasetValidationError`` naming the dataset
+    folder and the splits it has, instead of a bare ``KeyError: 'validation-pats'``.
+
+    Args:
+        splits: the entries per split.
+        dataset_dir: the dataset folder, for the message.
+
+    Example:
+        >>> splits = OpenKBPSplits({"train-pats": [{"case_id": "pt_1"}]}, "provided-data")
+        >>> try:
+        ...     splits["validation-pats"]
+        ... except DatasetValidationError as err:
+        ...     print(err.problems[0].message[:68])
+        no 'validation-pats' patients: the dataset has train-pats (1 patient
+    """
+
+    def __init__(self, splits: Mapping[str, list[dict[str, Any]]], dataset_dir: str | os.PathLike[str]) -> None:
+        super().__init__(splits)
+        self.dataset_dir = str(dataset_dir)
+
+    def __missing__(self, split: str) -> list[dict[str, Any]]:
+        """Raise for a split without patients.
+
+        Raises:
+            DatasetValidationError: naming the dataset folder, the split asked for and the splits present.
+        """
+        have = ", ".join(f"{name} ({len(entries)} patient(s))" for name, entries in self.items()) or "no split"
+        folder = f"a {split}/ folder of pt_<n> patient folders" if split in SPLITS else f"one of {', '.join(SPLITS)}"
+        message = (
+            f"no {split!r} patients: the dataset has {have} only. The bundle's training validates on "
+            f"validation-pats (and evaluate.yaml reads --eval_split): add {folder} beside train-pats/ (OpenKBP's "
+            "provided-data has train-pats, validation-pats and test-pats), e.g. by moving some training patients there"
+        )
+        raise DatasetValidationError([DataProblem(self.dataset_dir, message)], f"OpenKBP {self.dataset_dir}")
 
 
 def prepare_openkbp(
@@ -34,7 +73,7 @@ def prepare_openkbp(
     demo_patients: tuple[int, int] = (6, 2),
     skip_bad_cases: bool = False,
     any_cache_source: bool = False,
-) -> dict[str, list[dict[str, Any]]]:
+) -> OpenKBPSplits:
     """Make the OpenKBP data ready for training: validate every patient up front, convert to the NIfTI cache once,
     and return the manifest entries per split (``train-pats``, ``validation-pats``, ``test-pats`` as present).
 
@@ -53,7 +92,8 @@ def prepare_openkbp(
             another folder (by default that is refused: a mistyped ``dataset_dir`` would train on other data).
 
     Returns:
-        ``{split: [entry, ...]}``.
+        ``{split: [entry, ...]}`` (an :class:`OpenKBPSplits`: a split the dataset does not have is a
+        ``DatasetValidationError`` naming it, not a ``KeyError``).
 
     Raises:
         FileNotFoundError: when ``dataset_dir`` holds no OpenKBP patient (and no demo is to be written) and there is
@@ -85,7 +125,7 @@ def prepare_openkbp(
     for entry in entries:
         splits.setdefault(entry["split"], []).append(entry)
     logger.info("OpenKBP data: %s", {k: len(v) for k, v in splits.items()})
-    return splits
+    return OpenKBPSplits(splits, dataset_dir)
 
 
 def _made_from(recorded: Mapping[str, Any], manifest: Path, dataset_dir: Path) -> tuple[bool, str]:
@@ -112,7 +152,7 @@ def _splits_from_cache(
     dataset_dir: Path,
     any_cache_source: bool,
     not_found: FileNotFoundError,
-) -> dict[str, list[dict[str, Any]]]:
+) -> OpenKBPSplits:
     """The splits of an existing cache, checked against the requested structures and source folder, and for missing
     or corrupt files."""
     try:
@@ -142,7 +182,7 @@ def _splits_from_cache(
     for entry in entries:
         splits.setdefault(entry["split"], []).append(entry)
     logger.info("OpenKBP data (cache only): %s", {k: len(v) for k, v in splits.items()})
-    return splits
+    return OpenKBPSplits(splits, dataset_dir)
 
 
 class LoadCased:

@@ -26,7 +26,7 @@ from ctan_monai.data.stoic import (
     find_stoic_root,
 )
 
-__all__ = ["SPLITS", "label_group", "make_stoic_dataset", "prepare_stoic", "split_patients"]
+__all__ = ["SPLITS", "label_group", "make_stoic_dataset", "prepare_stoic", "single_class_problems", "split_patients"]
 
 logger = logging.getLogger("ctan_monai.stoic")
 
@@ -157,6 +157,10 @@ def prepare_stoic(
         DatasetValidationError: listing every problem of every bad patient.
         ValueError: on a bad ``split_file``.
 
+    Warns:
+        (log WARNING) for each task whose labelled validation patients are all of one class: its AUC would be NaN
+        at the end of training (see :func:`single_class_problems`).
+
     Example:
         >>> splits = prepare_stoic("demo_data/stoic", "cache/stoic", spacing=(3.5, 3.5, 5.0),
         ...                        write_demo_if_missing=True)  # doctest: +SKIP
@@ -185,11 +189,55 @@ def prepare_stoic(
     splits = _read_split_file(split_file, cases) if split_file else split_patients(cases, val_fraction, seed)
     for name in SPLITS:
         splits.setdefault(name, [])
+    for message in single_class_problems(splits["validation"]):
+        logger.warning("STOIC validation split: %s", message)
     logger.info(
         "STOIC data: %s",
         {name: {"patients": len(items), "groups": _group_counts(items)} for name, items in splits.items()},
     )
     return splits
+
+
+def single_class_problems(
+    entries: Sequence[Mapping[str, Any]], tasks: Sequence[str] = tuple(LABEL_COLUMNS)
+) -> list[str]:
+    """The tasks whose labelled patients in ``entries`` are all of one class, so that their AUC is undefined (NaN).
+
+    Args:
+        entries: the patients of a split (``<task>`` 0/1 and ``<task>_present`` flags).
+        tasks: the binary tasks.
+
+    Returns:
+        one message per such task, with the counts and what to do; empty when ``entries`` is empty (the split's
+        dataset refuses an empty split) or every task has both classes.
+
+    Example:
+        >>> rows = [{"covid": 1.0, "covid_present": 1.0, "severe": 0.0, "severe_present": 1.0}] * 3
+        >>> [m.split(":")[0] for m in single_class_problems(rows)]
+        ["task 'covid' has no negative patient", "task 'severe' has no positive patient"]
+    """
+    problems = []
+    for task in tasks if entries else ():
+        labelled = [e for e in entries if float(e.get(f"{task}_present", 1.0)) == 1.0]
+        positive = sum(float(e[task]) == 1.0 for e in labelled)
+        counts = (
+            f"{len(labelled)} labelled: {positive} positive, {len(labelled) - positive} negative; "
+            f"{len(entries) - len(labelled)} unlabelled"
+        )
+        if not labelled:
+            what = "has no labelled patient"
+        elif positive == 0:
+            what = "has no positive patient"
+        elif positive == len(labelled):
+            what = "has no negative patient"
+        else:
+            continue
+        problems.append(
+            f"task {task!r} {what}: {counts}. Its validation AUC will be NaN (undefined with one class) and the key "
+            "metric (the mean AUC) leaves it out: model selection ignores that task. Use more patients, another "
+            "val_fraction or seed, or a split_file whose validation patients hold both classes of every task"
+        )
+    return problems
 
 
 def _group_counts(items: Sequence[Mapping[str, Any]]) -> dict[str, int]:

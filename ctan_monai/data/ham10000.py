@@ -14,6 +14,9 @@ Choices made here (ours, documented):
 - **Masks are read through their palette.** Some of the published masks are palette ("P" mode) PNGs whose palette
   is inverted (index 0 is white): reading their raw indices, as a plain array reader does, swaps lesion and skin.
   Every mask is therefore converted to 8-bit grey by PIL before it is thresholded (and images to RGB).
+- **A mask covering the whole image is warned about, not refused.** Two masks of the real subset mark every pixel
+  as lesion, and their images show lesions that fill the frame; but an inverted or blank white mask looks the same,
+  so every such mask is named in a WARNING when the files are checked.
 - **One grid for image and mask.** Images and masks may differ in size (the mirror's images are 200x150, the masks
   600x450); both are resized to ``size`` (image bilinear with anti-aliasing, mask nearest). Their aspect ratios must
   agree (validated). The default ``size`` is 224x224: the input size that ImageNet-pretrained ResNets are trained
@@ -309,35 +312,40 @@ def _check_image(path: Path, deep: bool) -> tuple[list[str], tuple[int, int] | N
     return [], size
 
 
-def _check_mask(path: Path) -> tuple[list[str], tuple[int, int] | None]:
-    """Problems of one mask file (unreadable, truncated, not binary) and its (width, height)."""
+def _check_mask(path: Path) -> tuple[list[str], tuple[int, int] | None, bool]:
+    """Problems of one mask file (unreadable, truncated, not binary), its (width, height) and whether it marks every
+    pixel as lesion."""
     try:
         with Image.open(path) as im:
             size = im.size
             problem = _decode_problem(im)
             if problem:
-                return [f"mask {problem}"], None
+                return [f"mask {problem}"], None, False
             # Through the palette for "P" masks: their raw indices may be inverted (see the module docstring).
             histogram = (im if im.mode == "L" else im.convert("L")).histogram()
     except _PIL_ERRORS as err:
-        return [f"mask cannot be read ({err})"], None
+        return [f"mask cannot be read ({err})"], None, False
     values = {v for v, count in enumerate(histogram) if count}
     if not (values <= {0, 255} or values <= {0, 1}):
         shown = f"{sorted(values)[:8]}{' ...' if len(values) > 8 else ''}"
-        return [f"mask is not binary: grey values {shown} (expected 0/255 or 0/1)"], size
-    return [], size
+        return [f"mask is not binary: grey values {shown} (expected 0/255 or 0/1)"], size, False
+    return [], size, values in ({255}, {1})
 
 
-def _check_files(entry: Mapping[str, Any], deep: bool) -> list[tuple[str, str]]:
-    """Decode-level problems of one case as (file, message) pairs."""
+def _check_files(entry: Mapping[str, Any], deep: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """Decode-level problems of one case as (file, message) pairs, and its mask file when that marks the whole image
+    as lesion (a warning, not a problem: see :func:`_warn_whole_image_masks`)."""
     problems: list[tuple[str, str]] = []
+    whole: list[str] = []
     image_size = mask_size = None
     if entry["image"] is not None:
         messages, image_size = _check_image(entry["image"], deep)
         problems += [(str(entry["image"]), m) for m in messages]
     if entry["seg"] is not None:
-        messages, mask_size = _check_mask(entry["seg"])
+        messages, mask_size, covers_all = _check_mask(entry["seg"])
         problems += [(str(entry["seg"]), m) for m in messages]
+        if covers_all:
+            whole.append(str(entry["seg"]))
     if image_size and mask_size:
         image_aspect, mask_aspect = image_size[0] / image_size[1], mask_size[0] / mask_size[1]
         if abs(mask_aspect - image_aspect) > _ASPECT_TOLERANCE * image_aspect:
@@ -348,7 +356,25 @@ def _check_files(entry: Mapping[str, Any], deep: bool) -> list[tuple[str, str]]:
                     f"({image_size[0]}x{image_size[1]}): they cannot be brought to one grid",
                 )
             )
-    return problems
+    return problems, whole
+
+
+def _warn_whole_image_masks(dataset: str, masks: Sequence[str]) -> None:
+    """Log one WARNING naming the lesion masks that mark every pixel as lesion.
+
+    Kept, not refused: a lesion may fill the whole frame (two masks of the real HAM10000 subset do), but a mask saved
+    inverted or blank white would teach the segmentation that everything is lesion, so the user is told which."""
+    if not masks:
+        return
+    shown = ", ".join(masks[:10]) + (f" and {len(masks) - 10} more" if len(masks) > 10 else "")
+    logger.warning(
+        "%s: %d lesion mask(s) cover the whole image (every pixel is lesion): %s. They are used as they are: the "
+        "lesion may fill the frame, but a mask saved inverted or blank white teaches the segmentation that "
+        "everything is lesion; check them against their images (a mask marks the lesion white on black)",
+        dataset,
+        len(masks),
+        shown,
+    )
 
 
 def _validate(
@@ -367,10 +393,13 @@ def _validate(
     if check_files and entries:
         workers = num_workers or min(8, os.cpu_count() or 1)
         # PIL decodes outside the GIL, so threads overlap the decoding of the files.
+        whole: list[str] = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for entry, problems in zip(entries, pool.map(functools.partial(_check_files, deep=deep), entries)):
+            for entry, (problems, masks) in zip(entries, pool.map(functools.partial(_check_files, deep=deep), entries)):
                 for file, message in problems:
                     report.add(file, message, entry["image_id"])
+                whole += masks
+        _warn_whole_image_masks(report.dataset, whole)
     bad = set(report.bad_cases())
     report.valid_cases = [e["image_id"] for e in entries if e["image_id"] not in bad]
     return report, entries, dataset_dir
@@ -389,7 +418,8 @@ def validate_dataset(
     Checked: the metadata CSV (present, parseable, required columns), empty or duplicate ``image_id``, empty
     ``lesion_id``, unknown ``dx``, a lesion listed with two diagnoses, each listed image (found in exactly one image
     folder, readable, not truncated), each mask (present, readable, not truncated, binary 0/255 or 0/1 after the
-    palette, same aspect ratio as its image). Masks are always decoded (the binary check needs their pixels);
+    palette, same aspect ratio as its image; a mask that marks every pixel as lesion is named in one WARNING, not
+    refused: a lesion may fill the frame). Masks are always decoded (the binary check needs their pixels);
     JPEG images are only opened (header) and checked for their end-of-image marker, and fully decoded when the
     marker is missing or ``deep=True``. 5 to 10 s for the 8,024 cases of the real subset on 2 busy CPU cores.
 
@@ -821,10 +851,13 @@ def _recheck_split(
                 stale.append({"image": Path(entry["image"]), "seg": Path(entry["seg"]), "image_id": image_id})
     if stale:
         workers = min(8, os.cpu_count() or 1)
+        whole: list[str] = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for entry, problems in zip(stale, pool.map(functools.partial(_check_files, deep=deep), stale)):
+            for entry, (problems, masks) in zip(stale, pool.map(functools.partial(_check_files, deep=deep), stale)):
                 for file, message in problems:
                     report.add(file, f"{message} (changed since the split was made)", entry["image_id"])
+                whole += masks
+        _warn_whole_image_masks(str(path), whole)
     if relabelled:
         logger.warning(
             "%s: %d image(s) have another diagnosis in the metadata CSV than in the split file; the CSV's is used:\n%s",

@@ -28,6 +28,10 @@ Decisions documented here:
   evaluation; it is still a sign of inconsistent files, so it is reported. (The 50 real patients have none.)
 - A dose above ``MAX_PLAUSIBLE_DOSE_GY`` (150 Gy) is an error: no head-and-neck plan comes near it (the real
   patients' maxima are 50-100 Gy), and a dose in cGy or mGy would otherwise train a network 100 or 1000 times off.
+- A training or validation patient whose dose is 0 in every voxel is an error: it is a placeholder or a failed
+  export, and training on it teaches the network to predict no dose (a test patient's dose is not read for training).
+- A folder holding a patient's files (``ct.csv``, ``possible_dose_mask.csv``) but not named ``pt_<n>`` is an error
+  (:func:`misnamed_patient_folders`): leaving it out silently would train on part of the data.
 - A file that does not end with a newline is an error: the publishers' files and this module's writer always end
   with one, and a file cut short usually ends inside a row, whose last index or value would be silently wrong.
 - The NIfTI cache keeps the array exactly as above (no transpose), with an affine that maps it to RAS world
@@ -82,6 +86,7 @@ __all__ = [
     "find_patient_folders",
     "label_map_from_structures",
     "load_manifest",
+    "misnamed_patient_folders",
     "openkbp_affine",
     "read_patient",
     "read_sparse_csv",
@@ -433,6 +438,16 @@ def _read_patient_checked(
     voxel_size = _voxel_dimensions_problem(folder / "voxel_dimensions.csv")
     if isinstance(voxel_size, str):
         problems.append(DataProblem(str(folder / "voxel_dimensions.csv"), voxel_size, case))
+    if dose is not None and require_dose and not (dose > 0).any():
+        problems.append(
+            DataProblem(
+                str(folder / "dose.csv"),
+                "the dose is 0 Gy in every voxel: a training or validation patient needs its plan's dose (in Gy), and "
+                "an all-zero dose would teach the network to predict no dose. Is this the right file (a placeholder or "
+                "an export that failed)? Replace it, or move the patient to test-pats/ (whose dose is not needed)",
+                case,
+            )
+        )
     if problems or ct is None or possible is None or isinstance(voxel_size, str):
         return None, problems
     if dose is not None:
@@ -475,8 +490,9 @@ def read_patient(
         DatasetValidationError: listing every problem, each naming its file: missing ``ct.csv`` /
             ``possible_dose_mask.csv`` / ``voxel_dimensions.csv`` (or ``dose.csv`` with ``require_dose``), a wrong
             header, unparsable rows, indices outside the grid or repeated, NaN / infinite / missing values, negative
-            dose, a dose above ``MAX_PLAUSIBLE_DOSE_GY`` (cGy or mGy instead of Gy), negative CT values (Hounsfield
-            units instead of CT numbers), a truncated last line.
+            dose, a dose above ``MAX_PLAUSIBLE_DOSE_GY`` (cGy or mGy instead of Gy), a dose that is 0 everywhere
+            (with ``require_dose``: nothing to learn from), negative CT values (Hounsfield units instead of CT
+            numbers), a truncated last line.
         ValueError: when ``structures`` names a structure the format does not define.
 
     Warns:
@@ -573,6 +589,59 @@ def _patients_in(split_dir: Path) -> list[Path]:
     return sorted(folders, key=_patient_number)
 
 
+#: The files that make a folder an OpenKBP patient's (every patient has them).
+_PATIENT_FILES = ("ct.csv", "possible_dose_mask.csv")
+
+
+def _misnamed_in(split_dir: Path) -> list[Path]:
+    """Folders of ``split_dir`` holding a patient's CSV files but not named ``pt_<n>`` (they would be left out)."""
+    if not split_dir.is_dir():
+        return []
+    folders = [
+        p
+        for p in split_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(("pt_", ".")) and any((p / f).is_file() for f in _PATIENT_FILES)
+    ]
+    return sorted(folders, key=_patient_number)
+
+
+def misnamed_patient_folders(root: str | os.PathLike[str]) -> list[Path]:
+    """Folders that hold an OpenKBP patient's CSV files (``ct.csv`` or ``possible_dose_mask.csv``) where
+    :func:`find_patient_folders` looks for patients, but are not named ``pt_<n>``, so that it leaves them out.
+
+    Args:
+        root: anything :func:`find_patient_folders` accepts.
+
+    Returns:
+        the folders, by trailing number; empty when ``root`` does not exist or is a patient folder itself.
+
+    Example:
+        >>> misnamed_patient_folders("provided-data")  # doctest: +SKIP
+        [PosixPath('provided-data/train-pats/patient_7')]
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    if (root / "provided-data").is_dir():
+        root = root / "provided-data"
+    if (root / "ct.csv").exists() or root.name.startswith("pt_"):
+        return []
+    splits = [root / split for split in SPLITS if (root / split).is_dir()]
+    return [p for folder in (splits or [root]) for p in _misnamed_in(folder)]
+
+
+def _misnamed_problem(folder: Path) -> DataProblem:
+    """The problem of a folder that :func:`misnamed_patient_folders` found."""
+    held = ", ".join(f for f in _PATIENT_FILES if (folder / f).is_file())
+    number = max(_patient_number(folder)[0], 1)
+    return DataProblem(
+        str(folder),
+        f"holds OpenKBP patient files ({held}) but is not named pt_<n>, so it is not read as a patient: rename it "
+        f"pt_<n> (e.g. pt_{number}; numbers must not repeat within the split) or move it out of the dataset",
+        folder.name,
+    )
+
+
 def find_patient_folders(root: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     """Find the patient folders under a dataset root, a ``provided-data`` folder, a split folder or a patient folder.
 
@@ -585,7 +654,8 @@ def find_patient_folders(root: str | os.PathLike[str]) -> list[tuple[str, Path]]
         folder's name (or the parent folder's name for a patient folder).
 
     Raises:
-        FileNotFoundError: when ``root`` does not exist or holds no patient.
+        FileNotFoundError: when ``root`` does not exist or holds no patient (naming the folders that hold patient
+            files but are not named ``pt_<n>``, if any).
 
     Example:
         >>> find_patient_folders("provided-data")[0]  # doctest: +SKIP
@@ -602,8 +672,18 @@ def find_patient_folders(root: str | os.PathLike[str]) -> list[tuple[str, Path]]
     if not found:
         found = [(root.name, p) for p in _patients_in(root)]
     if not found:
+        misnamed = misnamed_patient_folders(root)
+        hint = ""
+        if misnamed:
+            names = ", ".join(str(p) for p in misnamed[:_MAX_LISTED]) + (
+                f" and {len(misnamed) - _MAX_LISTED} more" if len(misnamed) > _MAX_LISTED else ""
+            )
+            hint = (
+                f"; {len(misnamed)} folder(s) hold OpenKBP patient files but are not named pt_<n>: {names}. Rename "
+                "them pt_<n> (OpenKBP's names: pt_1, pt_2, ...)"
+            )
         raise FileNotFoundError(
-            f"{root}: no OpenKBP patient folders (pt_*/) found here or in {', '.join(s + '/' for s in SPLITS)}"
+            f"{root}: no OpenKBP patient folders (pt_*/) found here or in {', '.join(s + '/' for s in SPLITS)}{hint}"
         )
     return found
 
@@ -623,7 +703,8 @@ def validate_dataset(
         require_dose: whether ``dose.csv`` is required; default: required except in ``test-pats``.
 
     Returns:
-        the report: ``problems`` (file, case, message) and ``valid_cases`` (patient ids without problems).
+        the report: ``problems`` (file, case, message; folders holding patient files but not named ``pt_<n>``
+        among them) and ``valid_cases`` (patient ids without problems).
 
     Raises:
         ValueError: when ``structures`` names a structure the format does not define.
@@ -641,6 +722,7 @@ def validate_dataset(
     except FileNotFoundError as err:
         report.add(str(root_or_split_dir), str(err).split(": ", 1)[-1])
         return report
+    report.problems.extend(_misnamed_problem(p) for p in misnamed_patient_folders(root_or_split_dir))
     for split, folder in patients:
         needs_dose = split != "test-pats" if require_dose is None else require_dose
         patient, problems = _read_patient_checked(folder, names, shape, needs_dose)
@@ -805,8 +887,8 @@ def convert_dataset(
         ``source`` (the patient folder).
 
     Raises:
-        DatasetValidationError: listing every problem of every bad patient (after converting the good ones), unless
-            ``skip_bad_cases``.
+        DatasetValidationError: listing every problem of every bad patient (after converting the good ones) and
+            every folder holding patient files that is not named ``pt_<n>``, unless ``skip_bad_cases``.
         FileNotFoundError: when ``src_dir`` holds no patient.
         ValueError: when ``structures`` names a structure the format does not define.
 
@@ -820,9 +902,10 @@ def convert_dataset(
     cache = Path(cache_dir)
     settings = {"format": _CACHE_FORMAT, "structures": list(names), "grid_shape": list(shape)}
     by_split: dict[str, list[dict[str, Any]]] = {}
-    problems: list[DataProblem] = []
+    patients = find_patient_folders(src_dir)
+    problems: list[DataProblem] = [_misnamed_problem(p) for p in misnamed_patient_folders(src_dir)]
     converted = reused = 0
-    for split, folder in find_patient_folders(src_dir):
+    for split, folder in patients:
         entry = None if overwrite else _cached_entry(cache / split / folder.name, folder, settings)
         if entry is None:
             try:

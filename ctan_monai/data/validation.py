@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ctan_monai.excepthook import install_excepthook
+
 __all__ = [
     "MAX_PLAUSIBLE_DOSE_GY",
     "DataProblem",
@@ -42,12 +44,17 @@ class DataProblem:
 class DatasetValidationError(ValueError):
     """Raised when a dataset has problems; ``problems`` lists all of them, not just the first.
 
+    When it ends a run uncaught, its list of problems is also the last thing written to stderr, even when MONAI's
+    bundle runner wraps it in ``RuntimeError("Failed to evaluate ConfigExpression ...")``
+    (:func:`ctan_monai.excepthook.install_excepthook`, installed again here in case another library replaced the hook).
+
     Args:
         problems: the problems found.
         dataset: a short name of what was validated (e.g. the dataset root).
     """
 
     def __init__(self, problems: Iterable[DataProblem], dataset: str = "dataset") -> None:
+        install_excepthook()
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{dataset}: {len(self.problems)} problem(s) found:\n{lines}")

@@ -1,5 +1,5 @@
-"""Engine pieces for multi-task bundles: batch preparation, handlers, evaluation (whole volumes, images, patients),
-trivial floors from the training split, figures."""
+"""Engine pieces for multi-task bundles: batch preparation, mixed precision, handlers, evaluation (whole volumes,
+images, patients), trivial floors from the training split, figures."""
 
 from ctan_monai.engines.base import RunCollectorHandler, csv_text, figures_never_fail, write_csv, write_report
 from ctan_monai.engines.checkpoints import (
@@ -7,6 +7,7 @@ from ctan_monai.engines.checkpoints import (
     BestModelFallback,
     BestModelSaver,
     CheckpointDirLockedError,
+    CheckpointMismatchError,
     checkpoint_problem,
     lock_checkpoint_dir,
     release_checkpoint_dir,
@@ -32,15 +33,18 @@ from ctan_monai.engines.image_floors import (
     compare_with_floor,
 )
 from ctan_monai.engines.patient_classification import PatientClassificationHandler
+from ctan_monai.engines.precision import AutocastInferer, MixedPrecision, place_network
 from ctan_monai.engines.prepare_batch import MultiTaskPrepareBatch
 from ctan_monai.engines.schedules import WarmupCosineSchedule, build_lr_schedule
 from ctan_monai.engines.summary import TrainingSummaryHandler, summary_table
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "AutocastInferer",
     "BestModelFallback",
     "BestModelSaver",
     "CheckpointDirLockedError",
+    "CheckpointMismatchError",
     "checkpoint_problem",
     "lock_checkpoint_dir",
     "release_checkpoint_dir",
@@ -51,6 +55,7 @@ __all__ = [
     "ImageFloor",
     "MaskFloor",
     "MetricsHistoryHandler",
+    "MixedPrecision",
     "MultiTaskPrepareBatch",
     "PatientClassificationHandler",
     "PrevalenceFloor",
@@ -70,6 +75,7 @@ __all__ = [
     "figures_never_fail",
     "latest_checkpoint",
     "openkbp_dvh_structures",
+    "place_network",
     "summary_table",
     "write_csv",
     "write_report",

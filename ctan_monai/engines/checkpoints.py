@@ -35,6 +35,7 @@ __all__ = [
     "BestModelFallback",
     "BestModelSaver",
     "CheckpointDirLockedError",
+    "CheckpointMismatchError",
     "checkpoint_problem",
     "lock_checkpoint_dir",
     "release_checkpoint_dir",
@@ -147,6 +148,40 @@ class CheckpointDirLockedError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.folder, self.owner))
+
+
+_REASON_CHARS = 300  # of the loader's error quoted by CheckpointMismatchError (torch lists every key it misses)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint to resume from does not fit this run's objects: another training (another ``--arch``,
+    ``--backbone`` or task settings) wrote it into the same output folder.
+
+    Attributes:
+        path: the checkpoint file.
+        reason: the start of the loader's error, on one line (e.g. ``Error(s) in loading state_dict for CTAN:
+            Missing key(s) in state_dict: ...``).
+
+    Example:
+        >>> error = CheckpointMismatchError("/runs/ctan/checkpoints/checkpoint_epoch=3.pt", "size mismatch")
+        >>> "--output_dir" in str(error) and "--resume False" in str(error)
+        True
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: BaseException | str) -> None:
+        self.path = Path(path)
+        text = " ".join(line.strip() for line in str(reason).strip().splitlines()[:2] if line.strip())
+        text = text or type(reason).__name__
+        self.reason = text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+        super().__init__(
+            f"cannot resume from checkpoint {self.path}: it does not fit this run's model or training state. Was it "
+            f"written by another training in this output folder (another --arch, --backbone or task settings)? "
+            f"({self.reason}) Give this run its own folder (--output_dir <new folder>), or start it from scratch "
+            "here with --resume False (its checkpoints then replace that one)."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
 
 
 # resolved folder -> (fd of its lock file, the PID that took it): the locks this process holds

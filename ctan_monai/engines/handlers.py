@@ -17,6 +17,7 @@ from monai.handlers import CheckpointLoader
 
 from ctan_monai.engines.checkpoints import (
     LOCK_FILENAME,
+    CheckpointMismatchError,
     checkpoint_problem,
     lock_checkpoint_dir,
     release_checkpoint_dir,
@@ -128,8 +129,9 @@ class ResumeFromLatestCheckpoint:
 
     Raises:
         CheckpointDirLockedError: (when attached) another process holds the folder's lock.
-        RuntimeError: (from the loader) when the checkpoint does not fit the objects, e.g. another architecture
-            was trained in the same folder.
+        CheckpointMismatchError: (when training starts) the checkpoint does not fit the objects, e.g. another
+            architecture was trained in the same folder; it names the file and suggests ``--output_dir`` or
+            ``--resume False``.
 
     Example:
         >>> import torch
@@ -182,7 +184,14 @@ class ResumeFromLatestCheckpoint:
             if self.enabled:
                 self._warn_if_unusable()
             return
-        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location)(engine)
+        try:
+            CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location)(engine)
+        except (RuntimeError, KeyError, ValueError) as err:
+            # torch's load_state_dict (another network), the optimiser's (other parameter groups) or Ignite's "not
+            # found in the checkpoint" (other objects); MONAI's "Epoch count ... larger than max_epochs" is its own
+            if isinstance(err, ValueError) and str(err).startswith("Epoch count"):
+                raise
+            raise CheckpointMismatchError(path, err) from err
         self.resumed_from = path
         self.logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
 
@@ -453,15 +462,23 @@ class ValidateHandler:
         interval: validate every ``interval`` epochs.
 
     Raises:
-        ValueError: when ``interval`` is below 1.
+        ValueError: naming ``--val_interval`` when ``interval`` is not a whole number >= 1.
 
     Example:
         >>> handler = ValidateHandler(validator=None, interval=2)  # doctest: +SKIP
     """
 
     def __init__(self, validator: Engine, interval: int = 1) -> None:
-        if int(interval) < 1:
-            raise ValueError(f"val_interval must be >= 1 (validate every N epochs), got {interval}")
+        try:
+            whole = float(interval) == int(interval)
+        except (TypeError, ValueError):
+            whole = False
+        if not whole or int(interval) < 1:
+            raise ValueError(
+                f"--val_interval {interval!r}: val_interval must be >= 1, a whole number of epochs (the bundle "
+                "validates every val_interval epochs and after the last one); to validate only at the end, pass "
+                "--val_interval equal to --epochs"
+            )
         self.validator = validator
         self.interval = int(interval)
 

@@ -19,11 +19,15 @@ class MultiTaskPrepareBatch(PrepareBatch):
     task labels, ``<task>_present``, ``<task>_mask``, ``<task>_class_present``) to ``MultiTaskLoss``. Non-tensor
     entries (ids, paths, metadata) stay in the batch and are not moved.
 
+    Nothing here reads a tensor's values: the step stays free of host-device synchronisation (the labels were
+    validated where the data enter, by the datasets and readers).
+
     Args:
         image_key: key of the input image.
         task_names: the tasks; each must have its label or a ``<task>_present`` flag in every batch (checked, so a
             misnamed key fails at the first iteration with a clear message instead of silently training nothing).
-        channels_last: convert images (and so activations) to channels-last memory format (GPU option).
+        channels_last: convert 4D / 5D images (and so activations) to channels-last memory format; convert the
+            network's weights too (``ctan_monai.engines.place_network(network, device, channels_last=True)``).
 
     Raises:
         KeyError: when the image or a task's label/presence key is missing from a batch.
@@ -58,7 +62,7 @@ class MultiTaskPrepareBatch(PrepareBatch):
         image = convert_to_tensor(batchdata[self.image_key], track_meta=False).to(
             device=device, non_blocking=non_blocking
         )
-        if self.channels_last:
+        if self.channels_last and image.dim() in (4, 5):
             image = image.contiguous(memory_format=torch.channels_last if image.dim() == 4 else torch.channels_last_3d)
         targets = {
             key: convert_to_tensor(value, track_meta=False).to(device=device, non_blocking=non_blocking)

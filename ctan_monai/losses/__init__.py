@@ -2,15 +2,18 @@
 
 from ctan_monai.losses.multitask import MultiTaskLoss
 from ctan_monai.losses.task_losses import (
+    VALIDATE_INPUTS_ENV,
     BinaryClassificationLoss,
     ClassificationLoss,
     MaskedMAELoss,
     SegmentationComboLoss,
     default_task_loss,
+    validation_enabled,
 )
 from ctan_monai.losses.weighting import DynamicWeightAveraging, EqualWeighting, TaskWeighting, make_weighting
 
 __all__ = [
+    "VALIDATE_INPUTS_ENV",
     "BinaryClassificationLoss",
     "ClassificationLoss",
     "DynamicWeightAveraging",
@@ -21,4 +24,5 @@ __all__ = [
     "TaskWeighting",
     "default_task_loss",
     "make_weighting",
+    "validation_enabled",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ctan_monai.losses.task_losses import default_task_loss
+from ctan_monai.losses.task_losses import default_task_loss, validation_enabled
 from ctan_monai.losses.weighting import TaskWeighting, make_weighting
 from ctan_monai.tasks import TaskSpec, parse_tasks
 
@@ -22,14 +23,20 @@ class MultiTaskLoss(nn.Module):
 
     For each task the per-sample loss (``[B]``, see ``task_losses``) is averaged over the samples that carry the
     task's label: a sample is unlabelled when ``batch["<task>_present"]`` is 0, or when ``batch["<task>_mask"]``
-    is given and empty. The loss runs on the labelled samples alone (an unlabelled sample's placeholder label is
-    never read), so it adds nothing to that task's loss; with none labelled the task loss is exactly 0, still
-    attached to the network output so that ``backward`` works and every head receives a (zero) gradient.
+    is given and empty. The loss runs on the whole batch and the unlabelled samples are masked out of the mean (no
+    boolean indexing, whose data-dependent shape would synchronise a GPU with the host); their placeholder labels
+    are first replaced by harmless values (0, and 1 for ``class_present``), so a placeholder such as -1 or NaN never
+    reaches the loss. An unlabelled sample therefore adds nothing to that task's loss; with none labelled the task
+    loss is exactly 0, still attached to the network output so that ``backward`` works and every head receives a
+    (zero) gradient. A task loss that couples the samples (the batch Dice of ``SegmentationComboLoss``) receives
+    the labelled samples as ``sample_weight=`` when its ``forward`` takes that argument.
 
     The total is ``sum_k lambda_k * L_k`` with the weights of the current epoch. In training mode each call adds
-    the unweighted task losses, weighted by their labelled-sample counts, to running epoch sums;
-    ``epoch_completed()`` turns them into epoch means (summed over processes under ``torch.distributed``), feeds
-    them to the weighting and resets the sums. In eval mode (``.eval()``) nothing is accumulated.
+    the unweighted task losses, weighted by their labelled-sample counts, to running epoch sums, kept on the
+    loss's device; ``epoch_completed()`` turns them into epoch means (summed over processes under
+    ``torch.distributed``), feeds them to the weighting and resets the sums. In eval mode (``.eval()``) nothing is
+    accumulated. A training step reads nothing back to the host: ``last_losses``, ``last_labelled`` and the epoch
+    means are read when asked for (one synchronisation then, not one per task and step).
 
     The weighting state and the running sums are saved with the module's ``state_dict`` (as its extra state,
     plain Python values), so a checkpoint that includes this module resumes with the same weights.
@@ -43,7 +50,11 @@ class MultiTaskLoss(nn.Module):
         weighting: ``"dwa"`` (default, as the paper), ``"equal"`` or a ``TaskWeighting``.
         task_losses: optional ``{task_name: loss module}`` replacing the default loss of those tasks
             (``default_task_loss``); a replacement must map ``(input, target[, mask= | class_present=])`` to a
-            per-sample ``[B]`` loss.
+            per-sample ``[B]`` loss, finite for every sample whose label is valid.
+        validate_inputs: check the values of the presence flags (0/1) here and of the labels in the default task
+            losses on every call (True), never (False), or outside training steps only (None, the default: see
+            ``ctan_monai.losses.task_losses.validation_enabled``; the data path validates the labels before
+            training, and the environment variable ``CTAN_MONAI_VALIDATE_INPUTS=1`` turns the checks on there too).
 
     Raises:
         ValueError: on malformed tasks, an unknown weighting, or a ``task_losses`` key that is not a task.
@@ -60,6 +71,7 @@ class MultiTaskLoss(nn.Module):
         tasks: Iterable[TaskSpec | Mapping[str, Any]],
         weighting: str | TaskWeighting = "dwa",
         task_losses: Mapping[str, nn.Module] | None = None,
+        validate_inputs: bool | None = None,
     ) -> None:
         super().__init__()
         self.tasks = parse_tasks(tasks)
@@ -68,16 +80,45 @@ class MultiTaskLoss(nn.Module):
         if unknown:
             raise ValueError(f"task_losses given for unknown tasks {sorted(unknown)}; the tasks are {names}")
         given = dict(task_losses or {})
+        self.validate_inputs = validate_inputs
         self.task_losses = nn.ModuleDict(
-            {task.name: given[task.name] if task.name in given else default_task_loss(task) for task in self.tasks}
+            {
+                task.name: given[task.name] if task.name in given else default_task_loss(task, validate_inputs)
+                for task in self.tasks
+            }
         )
+        self._takes_sample_weight = {
+            name: _takes_argument(loss, "sample_weight") for name, loss in self.task_losses.items()
+        }
         self.weighting = make_weighting(weighting, names)
-        self.last_losses: dict[str, float] = {}
-        self.last_labelled: dict[str, int] = {}
+        # the last call's unweighted task losses and labelled counts, [K] tensors on the loss's device
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reset_epoch_sums()
 
+    @property
+    def last_losses(self) -> dict[str, float]:
+        """The unweighted task losses of the last call (read from the device when asked: a GPU sync).
+
+        Returns:
+            ``{task_name: loss}``; empty before the first call.
+        """
+        if self._last is None:
+            return {}
+        return dict(zip(self._names(), self._last[0].tolist()))
+
+    @property
+    def last_labelled(self) -> dict[str, int]:
+        """The numbers of labelled samples of each task in the last call (read when asked: a GPU sync).
+
+        Returns:
+            ``{task_name: count}``; empty before the first call.
+        """
+        if self._last is None:
+            return {}
+        return dict(zip(self._names(), (int(c) for c in self._last[1].tolist())))
+
     def forward(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
-        """Compute the weighted total loss of one batch.
+        """Compute the weighted total loss of one batch, without reading a tensor back to the host.
 
         Args:
             outputs: the network's output dict ``{task_name: tensor}``.
@@ -88,65 +129,89 @@ class MultiTaskLoss(nn.Module):
             numbers of labelled samples in ``last_labelled``.
 
         Raises:
-            ValueError: when a task's output or label is missing, or a presence flag is malformed; the task
-                losses raise ``ValueError`` on malformed predictions or labels.
+            ValueError: when a task's output or label is missing, a per-sample loss has the wrong shape, or (when
+                validating, see ``validate_inputs``) a presence flag is not 0/1; the task losses raise
+                ``ValueError`` on malformed predictions or labels.
         """
         weights = self.weighting.weights()
+        validate = validation_enabled(self.validate_inputs, *outputs.values())
         total: torch.Tensor | None = None
-        last_losses, last_labelled = {}, {}
+        losses, counts = [], []
         for task in self.tasks:
-            loss, count = self._task_loss(task, outputs, batch)
-            last_losses[task.name], last_labelled[task.name] = float(loss.detach()), count
+            loss, count = self._task_loss(task, outputs, batch, validate)
+            losses.append(loss.detach().float())
+            counts.append(count)
             term = weights[task.name] * loss
             total = term if total is None else total + term
-        self.last_losses, self.last_labelled = last_losses, last_labelled
-        if self.training:
-            for name, value in last_losses.items():
-                self._epoch_sums[name] += value * last_labelled[name]
-                self._epoch_counts[name] += last_labelled[name]
         assert total is not None  # parse_tasks guarantees at least one task
+        last = (torch.stack(losses), torch.stack([c.to(losses[0].device) for c in counts]))
+        self._last = last
+        if self.training:
+            dtype = _accumulator_dtype(last[0].device)
+            sums, numbers = last[0].to(dtype) * last[1].to(dtype), last[1]
+            if self._pending is None:
+                self._pending = (sums, numbers)
+            else:
+                self._pending = (self._pending[0] + sums, self._pending[1] + numbers)
         return total
 
+    def _names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
     def _task_loss(
-        self, task: TaskSpec, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, int]:
+        self, task: TaskSpec, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any], validate: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's mean loss over its labelled samples and their number (a 0-dim tensor), both on the device."""
         if task.name not in outputs:
             raise ValueError(f"the network output has no {task.name!r} (task {task.name!r}); got {sorted(outputs)}")
         pred = outputs[task.name]
-        labelled = self._labelled(task.name, batch, pred.shape[0], pred.device)
-        count = int(labelled.sum())
-        if count == 0:
-            # exactly zero, yet part of the graph: backward() works and the head gets a zero gradient
-            return pred.sum() * 0.0, 0
+        size = pred.shape[0]
+        labelled = self._labelled(task.name, batch, size, pred.device, validate)
+        count = labelled.sum()
         if task.name not in batch:
-            raise ValueError(
-                f"the batch has no label {task.name!r} for task {task.name!r}; mark missing labels "
-                f"with {task.name + '_present'!r} = 0"
-            )
-        index = labelled.nonzero().flatten()
-        extras = {}
+            flagged = task.name + "_present" in batch or task.name + "_mask" in batch
+            if not flagged or (validate and bool(count > 0)):
+                raise ValueError(
+                    f"the batch has no label {task.name!r} for task {task.name!r}; mark missing labels "
+                    f"with {task.name + '_present'!r} = 0"
+                )
+            # no sample of the batch carries the label: exactly zero, yet part of the graph (backward() works and
+            # the head gets a zero gradient)
+            return pred.sum() * 0.0, torch.zeros((), dtype=count.dtype, device=pred.device)
+        flags = task.name + "_present" in batch
+        target = torch.as_tensor(batch[task.name], device=pred.device)
+        if flags:
+            target = _fill_unlabelled(target, labelled, 0)
+        extras: dict[str, torch.Tensor] = {}
         for key, argument in (("_mask", "mask"), ("_class_present", "class_present")):
             if task.name + key in batch:
-                extras[argument] = torch.as_tensor(batch[task.name + key], device=pred.device)[index]
-        target = torch.as_tensor(batch[task.name], device=pred.device)
-        per_sample = self.task_losses[task.name](pred[index], target[index], **extras)
-        if per_sample.shape != (count,):
+                value = torch.as_tensor(batch[task.name + key], device=pred.device)
+                extras[argument] = (
+                    _fill_unlabelled(value, labelled, 1) if flags and argument == "class_present" else value
+                )
+        if self._takes_sample_weight[task.name]:
+            extras["sample_weight"] = labelled.float()
+        per_sample = self.task_losses[task.name](pred, target, **extras)
+        if per_sample.shape != (size,):
             raise ValueError(
-                f"the loss of task {task.name!r} must return one value per sample ({count}), "
+                f"the loss of task {task.name!r} must return one value per sample ({size}), "
                 f"got shape {tuple(per_sample.shape)}"
             )
-        return per_sample.mean(), count
+        # the mean over the labelled samples; where() and not a product, so that nothing of an unlabelled sample
+        # leaks in
+        mean = torch.where(labelled, per_sample, torch.zeros_like(per_sample)).sum() / count.clamp(min=1)
+        return mean, count
 
     @staticmethod
-    def _labelled(name: str, batch: Mapping[str, Any], size: int, device: torch.device) -> torch.Tensor:
+    def _labelled(name: str, batch: Mapping[str, Any], size: int, device: torch.device, validate: bool) -> torch.Tensor:
         """Which samples carry the task's label: ``<task>_present`` is 1 and the ``<task>_mask``, if any, is not
-        empty."""
+        empty (a ``[B]`` bool tensor, computed on the device)."""
         labelled = torch.ones(size, dtype=torch.bool, device=device)
         if name + "_present" in batch:
             present = torch.as_tensor(batch[name + "_present"], device=device).reshape(-1)
             if present.numel() != size:
                 raise ValueError(f"{name}_present has {present.numel()} values for a batch of {size}")
-            if not bool(((present == 0) | (present == 1)).all()):
+            if validate and not bool(((present == 0) | (present == 1)).all()):
                 raise ValueError(f"{name}_present must hold only 0 (label missing) and 1, got {present.tolist()}")
             labelled &= present == 1
         if name + "_mask" in batch:
@@ -165,11 +230,12 @@ class MultiTaskLoss(nn.Module):
         return self.weighting.weights()
 
     def epoch_means(self) -> dict[str, float | None]:
-        """The running epoch means of the unweighted task losses (this process only).
+        """The running epoch means of the unweighted task losses (this process only; read from the device).
 
         Returns:
             ``{task_name: mean}``, ``None`` for a task without a labelled sample so far in the epoch.
         """
+        self._flush_pending()
         return {
             name: self._epoch_sums[name] / count if (count := self._epoch_counts[name]) else None
             for name in self._epoch_sums
@@ -184,6 +250,7 @@ class MultiTaskLoss(nn.Module):
         Returns:
             the epoch means given to the weighting (``None`` for a task without a labelled sample).
         """
+        self._flush_pending()
         self._all_reduce_epoch_sums()
         means = self.epoch_means()
         self.weighting.epoch_completed(means)
@@ -208,6 +275,18 @@ class MultiTaskLoss(nn.Module):
     def _reset_epoch_sums(self) -> None:
         self._epoch_sums: dict[str, float] = {task.name: 0.0 for task in self.tasks}
         self._epoch_counts: dict[str, int] = {task.name: 0 for task in self.tasks}
+        # the sums and counts of the calls since the last flush, [K] tensors on the device (None: no call)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _flush_pending(self) -> None:
+        """Add the sums kept on the device to the host's epoch sums (one read, at epoch end or on demand)."""
+        if self._pending is None:
+            return
+        sums, counts = self._pending[0].tolist(), self._pending[1].tolist()
+        self._pending = None
+        for name, value, count in zip(self._names(), sums, counts):
+            self._epoch_sums[name] += float(value)
+            self._epoch_counts[name] += int(count)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The state saved with ``state_dict``: the weighting state and the running epoch sums.
@@ -215,6 +294,7 @@ class MultiTaskLoss(nn.Module):
         Returns:
             plain Python values (safe for ``torch.load(weights_only=True)``).
         """
+        self._flush_pending()
         return {
             "weighting": self.weighting.state_dict(),
             "epoch_sums": dict(self._epoch_sums),
@@ -242,5 +322,29 @@ class MultiTaskLoss(nn.Module):
         if not all(math.isfinite(value) for value in sums.values()):
             raise ValueError(f"MultiTaskLoss: the saved epoch sums are not finite: {sums}")
         self.weighting.load_state_dict(state["weighting"])
+        self._pending = None
         self._epoch_sums = sums
         self._epoch_counts = {name: int(value) for name, value in state["epoch_counts"].items()}
+
+
+def _takes_argument(module: nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` names the argument ``name`` (not merely ``**kwargs``, which may pass it on)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters and parameters[name].kind is not inspect.Parameter.POSITIONAL_ONLY
+
+
+def _fill_unlabelled(value: torch.Tensor, labelled: torch.Tensor, fill: float) -> torch.Tensor:
+    """``value`` with the entries of unlabelled samples (first dimension) replaced by ``fill``; unchanged when its
+    first dimension is not the batch (the loss then reports the shape)."""
+    if value.ndim == 0 or value.shape[0] != labelled.shape[0]:
+        return value
+    keep = labelled.view(-1, *([1] * (value.ndim - 1)))
+    return torch.where(keep, value, torch.full((), fill, dtype=value.dtype, device=value.device))
+
+
+def _accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the running epoch sums (as the Python floats they become), float32 where it is unsupported."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -3,10 +3,19 @@
 Every loss here maps ``(input, target, ...)`` to a ``[B]`` tensor: the multi-task loss averages it over the samples
 that carry the task's label only. Losses are evaluated in float32 whatever the input precision (mixed precision
 logits would otherwise lose the small differences that cross-entropy and Dice depend on).
+
+Shapes are always checked (free: shapes live on the host). The checks of *values* (class indices in range, 0/1
+flags, finite targets, non-negative masks) read the tensors on the host, a device synchronisation on a GPU, so they
+run only when :func:`validation_enabled` says so: by default outside a training step (no gradient recorded for the
+prediction: tests, evaluation, interactive use), never inside one, where the data path has already validated the
+labels (``AxialSliceDataset`` checks label values, class flags and doses when it reads a case; the HAM10000 and
+STOIC readers check the diagnosis and label columns). ``validate_inputs=True`` on a loss, or the environment
+variable ``CTAN_MONAI_VALIDATE_INPUTS=1``, turns the checks on in training too (debugging a new data source).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -18,12 +27,52 @@ from torch import nn
 from ctan_monai.tasks import TaskSpec
 
 __all__ = [
+    "VALIDATE_INPUTS_ENV",
     "BinaryClassificationLoss",
     "ClassificationLoss",
     "MaskedMAELoss",
     "SegmentationComboLoss",
     "default_task_loss",
+    "validation_enabled",
 ]
+
+VALIDATE_INPUTS_ENV = "CTAN_MONAI_VALIDATE_INPUTS"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def validation_enabled(setting: bool | None, *predictions: torch.Tensor) -> bool:
+    """Whether a loss call checks the values of its inputs (which reads them on the host: a GPU sync).
+
+    Args:
+        setting: the loss's ``validate_inputs``: True or False decide; None (the default) is automatic: the
+            environment variable ``CTAN_MONAI_VALIDATE_INPUTS`` when it is set (``1``/``true``/``yes``/``on`` or
+            ``0``/``false``/``no``/``off``), else True unless the call records gradients for one of
+            ``predictions`` (a training step, kept free of host-device synchronisation).
+        predictions: the network outputs the loss is called with.
+
+    Returns:
+        True when the values are to be checked.
+
+    Raises:
+        ValueError: when the environment variable holds something else.
+
+    Example:
+        >>> validation_enabled(None, torch.zeros(2))  # no gradient recorded: checked
+        True
+        >>> validation_enabled(None, torch.zeros(2, requires_grad=True))  # a training step: not checked
+        False
+    """
+    if setting is not None:
+        return bool(setting)
+    env = os.environ.get(VALIDATE_INPUTS_ENV, "").strip().lower()
+    if env in _TRUE:
+        return True
+    if env in _FALSE:
+        return False
+    if env:
+        raise ValueError(f"{VALIDATE_INPUTS_ENV}={env!r}: use one of {_TRUE + _FALSE}")
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in predictions))
 
 
 def _check_batch(input: torch.Tensor, target: torch.Tensor, what: str) -> None:
@@ -66,6 +115,8 @@ class SegmentationComboLoss(nn.Module):
             then carries the batch Dice, so the batch mean is ``lambda_ce * CE + lambda_dice * batch Dice``. Small
             structures learn much faster: a slice without the structure contributes its false positives instead of
             a constant, gradient-free per-sample Dice of 1.
+        validate_inputs: check label values and ``class_present`` flags on every call (True), never (False) or
+            outside training steps only (None, the default; see :func:`validation_enabled`).
 
     Raises:
         ValueError: when a weight is negative.
@@ -84,6 +135,7 @@ class SegmentationComboLoss(nn.Module):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         batch: bool = False,
+        validate_inputs: bool | None = None,
     ) -> None:
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0:
@@ -92,6 +144,7 @@ class SegmentationComboLoss(nn.Module):
         self.lambda_ce = float(lambda_ce)
         self.include_background = include_background
         self.batch = bool(batch)
+        self.validate_inputs = validate_inputs
         self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
         # probabilities are given to it already merged, one-hot targets: Dice per sample and class
         self.dice = DiceLoss(
@@ -99,7 +152,11 @@ class SegmentationComboLoss(nn.Module):
         )
 
     def forward(
-        self, input: torch.Tensor, target: torch.Tensor, class_present: torch.Tensor | None = None
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        class_present: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute the per-sample combo loss.
 
@@ -108,12 +165,16 @@ class SegmentationComboLoss(nn.Module):
             target: integer label map ``[B, 1, *spatial]``.
             class_present: optional 0/1 ``[B, C]``; 0 where the class is not annotated in that sample. Background
                 (column 0) must be 1.
+            sample_weight: optional 0/1 ``[B]``, the samples that count (the multi-task loss passes the labelled
+                ones). Only the batch Dice (``batch=True``) uses it: a sample of weight 0 takes no part in it. Every
+                other term is per sample and does not depend on it.
 
         Returns:
             the loss of each sample, ``[B]``.
 
         Raises:
-            ValueError: on mismatched shapes, labels outside ``[0, C-1]`` or a malformed ``class_present``.
+            ValueError: on mismatched shapes, and (when validating, see ``validate_inputs``) labels outside
+                ``[0, C-1]`` or a ``class_present`` that is not 0/1 with background 1.
         """
         what = "segmentation loss"
         if input.ndim < 3 or target.ndim != input.ndim or target.shape[1] != 1:
@@ -125,8 +186,14 @@ class SegmentationComboLoss(nn.Module):
         if target.shape[2:] != input.shape[2:]:
             raise ValueError(f"{what}: label spatial shape {tuple(target.shape[2:])} != {tuple(input.shape[2:])}")
         num_classes = input.shape[1]
-        _check_class_indices(target, num_classes, what)
-        present = self._present(class_present, input)
+        validate = validation_enabled(self.validate_inputs, input)
+        if validate:
+            _check_class_indices(target, num_classes, what)
+        present = self._present(class_present, input, validate)
+        if sample_weight is not None and tuple(sample_weight.shape) != (input.shape[0],):
+            raise ValueError(
+                f"{what}: sample_weight must be [B] = [{input.shape[0]}], got {tuple(sample_weight.shape)}"
+            )
 
         labels = target.long()
         # an unannotated class's voxels are background by convention; map stray ones there too
@@ -147,7 +214,8 @@ class SegmentationComboLoss(nn.Module):
         if not self.include_background:
             dice_mask[:, 0] = 0.0
         if self.batch:
-            return self.lambda_dice * self._batch_dice(probs, reference, dice_mask) + self.lambda_ce * ce
+            batch_mask = dice_mask if sample_weight is None else dice_mask * sample_weight.to(dice_mask).unsqueeze(1)
+            return self.lambda_dice * self._batch_dice(probs, reference, batch_mask) + self.lambda_ce * ce
         per_class = self.dice(probs, reference).flatten(1)
         dice = (per_class * dice_mask).sum(dim=1) / dice_mask.sum(dim=1).clamp(min=1.0)
         return self.lambda_dice * dice + self.lambda_ce * ce
@@ -165,7 +233,7 @@ class SegmentationComboLoss(nn.Module):
         return dice.expand(probs.shape[0])
 
     @staticmethod
-    def _present(class_present: torch.Tensor | None, input: torch.Tensor) -> torch.Tensor:
+    def _present(class_present: torch.Tensor | None, input: torch.Tensor, validate: bool) -> torch.Tensor:
         batch, num_classes = input.shape[:2]
         if class_present is None:
             return torch.ones(batch, num_classes, dtype=torch.long, device=input.device)
@@ -174,10 +242,11 @@ class SegmentationComboLoss(nn.Module):
                 f"segmentation loss: class_present must be [B, C] = {(batch, num_classes)}, "
                 f"got {tuple(class_present.shape)}"
             )
-        if not bool(((class_present == 0) | (class_present == 1)).all()):
-            raise ValueError("segmentation loss: class_present must hold only 0 and 1")
-        if not bool((class_present[:, 0] == 1).all()):
-            raise ValueError("segmentation loss: class_present[:, 0] (background) must be 1 for every sample")
+        if validate:
+            if not bool(((class_present == 0) | (class_present == 1)).all()):
+                raise ValueError("segmentation loss: class_present must hold only 0 and 1")
+            if not bool((class_present[:, 0] == 1).all()):
+                raise ValueError("segmentation loss: class_present[:, 0] (background) must be 1 for every sample")
         return class_present.to(device=input.device, dtype=torch.long)
 
 
@@ -187,10 +256,19 @@ class MaskedMAELoss(nn.Module):
     With a mask the loss of a sample is ``sum(mask * |input - target|) / sum(mask)`` (a 0-1 float mask acts as voxel
     weights); a sample whose mask is empty gets 0 (the multi-task loss counts it as unlabelled).
 
+    Args:
+        validate_inputs: check the mask (non-negative) and the target (finite where it counts) on every call
+            (True), never (False) or outside training steps only (None, the default; see
+            :func:`validation_enabled`).
+
     Example:
         >>> MaskedMAELoss()(torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)).tolist()
         [1.0, 1.0]
     """
+
+    def __init__(self, validate_inputs: bool | None = None) -> None:
+        super().__init__()
+        self.validate_inputs = validate_inputs
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the per-sample (masked) mean absolute error.
@@ -204,23 +282,26 @@ class MaskedMAELoss(nn.Module):
             the loss of each sample, ``[B]``.
 
         Raises:
-            ValueError: on mismatched shapes, a negative mask or a non-finite target inside the mask.
+            ValueError: on mismatched shapes, and (when validating, see ``validate_inputs``) a negative mask or a
+                non-finite target inside the mask.
         """
         what = "regression loss"
         if input.ndim < 2 or target.shape != input.shape:
             raise ValueError(f"{what}: target shape {tuple(target.shape)} != prediction shape {tuple(input.shape)}")
+        validate = validation_enabled(self.validate_inputs, input)
         error = (input.float() - target.float()).abs()
         if mask is None:
-            if not bool(torch.isfinite(target).all()):
+            if validate and not bool(torch.isfinite(target).all()):
                 raise ValueError(f"{what}: the target holds NaN or infinite values")
             return error.flatten(1).mean(dim=1)
         if mask.shape != input.shape:
             raise ValueError(f"{what}: mask shape {tuple(mask.shape)} != prediction shape {tuple(input.shape)}")
         weight = mask.float()
-        if bool((weight < 0).any()):
-            raise ValueError(f"{what}: the mask holds negative values")
-        if not bool(torch.isfinite(target[weight > 0]).all()):
-            raise ValueError(f"{what}: the target holds NaN or infinite values inside the mask")
+        if validate:
+            if bool((weight < 0).any()):
+                raise ValueError(f"{what}: the mask holds negative values")
+            if not bool(torch.isfinite(target[weight > 0]).all()):
+                raise ValueError(f"{what}: the target holds NaN or infinite values inside the mask")
         # where() rather than a product: a non-finite target outside the mask must not leak in as 0 * inf
         weighted = torch.where(weight > 0, error * weight, torch.zeros_like(error)).flatten(1).sum(dim=1)
         return weighted / weight.flatten(1).sum(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
@@ -235,6 +316,8 @@ class ClassificationLoss(nn.Module):
             (a plain mean, unlike ``torch.nn.CrossEntropyLoss``'s weight-normalised mean), so weights averaging
             about 1 keep the loss scale.
         label_smoothing: as ``torch.nn.functional.cross_entropy``.
+        validate_inputs: check that the targets are class indices in range on every call (True), never (False) or
+            outside training steps only (None, the default; see :func:`validation_enabled`).
 
     Raises:
         ValueError: when a weight is negative.
@@ -246,7 +329,12 @@ class ClassificationLoss(nn.Module):
 
     weight: torch.Tensor | None
 
-    def __init__(self, weight: Sequence[float] | torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        weight: Sequence[float] | torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        validate_inputs: bool | None = None,
+    ) -> None:
         super().__init__()
         tensor = None if weight is None else torch.as_tensor(weight, dtype=torch.float32).flatten()
         if tensor is not None and bool((tensor < 0).any()):
@@ -254,6 +342,7 @@ class ClassificationLoss(nn.Module):
         # not persistent: class weights come from the config, a checkpoint must not override them
         self.register_buffer("weight", tensor, persistent=False)
         self.label_smoothing = float(label_smoothing)
+        self.validate_inputs = validate_inputs
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Compute the per-sample cross-entropy.
@@ -266,7 +355,8 @@ class ClassificationLoss(nn.Module):
             the loss of each sample, ``[B]``.
 
         Raises:
-            ValueError: on mismatched shapes, class indices outside ``[0, C-1]`` or a class-weight length != C.
+            ValueError: on mismatched shapes or a class-weight length != C, and (when validating, see
+                ``validate_inputs``) class indices outside ``[0, C-1]``.
         """
         what = "classification loss"
         if input.ndim != 2:
@@ -276,7 +366,8 @@ class ClassificationLoss(nn.Module):
             raise ValueError(f"{what}: expected class indices [B], got {tuple(target.shape)}")
         target = target.reshape(-1)
         _check_batch(input, target, what)
-        _check_class_indices(target, input.shape[1], what)
+        if validation_enabled(self.validate_inputs, input):
+            _check_class_indices(target, input.shape[1], what)
         if self.weight is not None and self.weight.numel() != input.shape[1]:
             raise ValueError(f"{what}: {self.weight.numel()} class weights for {input.shape[1]} classes")
         return F.cross_entropy(
@@ -290,6 +381,8 @@ class BinaryClassificationLoss(nn.Module):
     Args:
         pos_weight: optional weight of the positive class (e.g. ``n_negative / n_positive`` for imbalance), as
             ``torch.nn.BCEWithLogitsLoss``.
+        validate_inputs: check that the targets lie in [0, 1] on every call (True), never (False) or outside
+            training steps only (None, the default; see :func:`validation_enabled`).
 
     Raises:
         ValueError: when ``pos_weight`` is negative.
@@ -301,12 +394,13 @@ class BinaryClassificationLoss(nn.Module):
 
     pos_weight: torch.Tensor | None
 
-    def __init__(self, pos_weight: float | None = None) -> None:
+    def __init__(self, pos_weight: float | None = None, validate_inputs: bool | None = None) -> None:
         super().__init__()
         if pos_weight is not None and pos_weight < 0:
             raise ValueError(f"pos_weight must be >= 0, got {pos_weight}")
         tensor = None if pos_weight is None else torch.tensor([float(pos_weight)])
         self.register_buffer("pos_weight", tensor, persistent=False)
+        self.validate_inputs = validate_inputs
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Compute the per-sample binary cross-entropy.
@@ -319,7 +413,7 @@ class BinaryClassificationLoss(nn.Module):
             the loss of each sample, ``[B]``.
 
         Raises:
-            ValueError: on mismatched shapes or targets outside [0, 1].
+            ValueError: on mismatched shapes, and (when validating, see ``validate_inputs``) targets outside [0, 1].
         """
         what = "binary classification loss"
         if input.numel() != input.shape[0] or target.numel() != target.shape[0]:
@@ -329,7 +423,8 @@ class BinaryClassificationLoss(nn.Module):
             )
         _check_batch(input, target, what)
         target = target.reshape(-1).float()
-        if target.numel() and not bool(((target >= 0) & (target <= 1)).all()):
+        validate = validation_enabled(self.validate_inputs, input)
+        if validate and target.numel() and not bool(((target >= 0) & (target <= 1)).all()):
             raise ValueError(
                 f"{what}: targets must lie in [0, 1], got values in [{float(target.min())}, {float(target.max())}]"
             )
@@ -338,11 +433,12 @@ class BinaryClassificationLoss(nn.Module):
         )
 
 
-def default_task_loss(task: TaskSpec) -> nn.Module:
+def default_task_loss(task: TaskSpec, validate_inputs: bool | None = None) -> nn.Module:
     """The paper's loss for a task (Table 1): combo loss, MAE or (binary) cross-entropy.
 
     Args:
         task: the task.
+        validate_inputs: the loss's ``validate_inputs`` (see :func:`validation_enabled`).
 
     Returns:
         ``SegmentationComboLoss()``, ``MaskedMAELoss()``, ``BinaryClassificationLoss()`` (one channel) or
@@ -353,7 +449,9 @@ def default_task_loss(task: TaskSpec) -> nn.Module:
         'MaskedMAELoss'
     """
     if task.kind == "segmentation":
-        return SegmentationComboLoss()
+        return SegmentationComboLoss(validate_inputs=validate_inputs)
     if task.kind == "regression":
-        return MaskedMAELoss()
-    return BinaryClassificationLoss() if task.is_binary else ClassificationLoss()
+        return MaskedMAELoss(validate_inputs=validate_inputs)
+    if task.is_binary:
+        return BinaryClassificationLoss(validate_inputs=validate_inputs)
+    return ClassificationLoss(validate_inputs=validate_inputs)

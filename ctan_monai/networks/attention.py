@@ -157,6 +157,11 @@ def cross_task_attention(
     The product is evaluated in the cheaper association order for the shapes at hand: (Ê_{t'}^T Ê_t) is N x N and
     (Ê_t Ê_{t'}^T) is C x C, so N <= C uses the first and N > C the second (same result up to rounding).
 
+    Mixed precision: the products, the scaling and the softmax run in float32 (float64 inputs: float64) with
+    autocast switched off, and the result is cast back to the inputs' dtype: bf16 keeps 8 bits of mantissa and fp16
+    overflows at 65504, so sums over C and N of products would lose either the small differences or the range. At
+    the bottleneck (C and N of a few hundred at most) this costs little.
+
     Args:
         own: Ê_t, [B, C, N].
         other: Ê_{t'}, [B, C, N].
@@ -170,7 +175,7 @@ def cross_task_attention(
             the C x C product first); ignored by ``"softmax"``.
 
     Returns:
-        Ā_t, [B, C, N].
+        Ā_t, [B, C, N], in the dtype of ``own``.
 
     Raises:
         ValueError: for an unknown normalisation or mismatched shapes.
@@ -182,22 +187,41 @@ def cross_task_attention(
     """
     if own.shape != other.shape or own.dim() != 3:
         raise ValueError("cross_task_attention expects two [B, C, N] tensors of one shape")
+    if normalization != "mean" and normalization != "none" and normalization != "softmax":
+        raise ValueError("unknown CTAB normalization " + normalization + "; use one of mean, none, softmax")
+    if order not in ("auto", "positions", "channels"):
+        raise ValueError("unknown association order " + order + "; use auto, positions or channels")
+    low = own.dtype == torch.float16 or own.dtype == torch.bfloat16
+    full_own, full_other = (own.float(), other.float()) if low else (own, other)  # float64 stays float64
+    if torch.jit.is_scripting():
+        out = _cross_task_attention_full(full_own, full_other, normalization, order)
+    else:
+        out = _cross_task_attention_no_autocast(full_own, full_other, normalization, order)
+    return out.to(own.dtype)
+
+
+@torch.jit.unused
+def _cross_task_attention_no_autocast(
+    own: torch.Tensor, other: torch.Tensor, normalization: str, order: str
+) -> torch.Tensor:
+    """``_cross_task_attention_full`` with autocast switched off (eager mode; TorchScript has no autocast here)."""
+    with torch.autocast(device_type=own.device.type, enabled=False):
+        return _cross_task_attention_full(own, other, normalization, order)
+
+
+def _cross_task_attention_full(own: torch.Tensor, other: torch.Tensor, normalization: str, order: str) -> torch.Tensor:
+    """``cross_task_attention`` on float32 (or float64) inputs, arguments already checked."""
     channels = own.shape[1]
     positions = own.shape[2]
     if normalization == "softmax":
         scores = torch.bmm(other.transpose(1, 2), own) / (float(channels) ** 0.5)  # [B, N(query), N(key)]
-        weights = torch.softmax(scores.float(), dim=1).to(own.dtype)
-        return torch.bmm(own, weights)
+        return torch.bmm(own, torch.softmax(scores, dim=1))
     if normalization == "mean":
         scale_c = 1.0 / float(channels)
         scale_n = 1.0 / float(positions)
-    elif normalization == "none":
+    else:  # "none"
         scale_c = 1.0
         scale_n = 1.0
-    else:
-        raise ValueError("unknown CTAB normalization " + normalization + "; use one of mean, none, softmax")
-    if order not in ("auto", "positions", "channels"):
-        raise ValueError("unknown association order " + order + "; use auto, positions or channels")
     if order == "positions" or (order == "auto" and positions <= channels):
         gram = torch.bmm(other.transpose(1, 2), own * scale_c)  # [B, N, N], contracts C
         return torch.bmm(own, gram * scale_n)  # contracts N

@@ -23,6 +23,17 @@ def _match_size(x: torch.Tensor, reference: torch.Tensor, mode: str) -> torch.Te
     return F.interpolate(x, size=reference.shape[2:], mode=mode, align_corners=False)
 
 
+def _output_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a decoder's output layer, in float32 when autocast is on: bf16 outputs keep 8 bits of mantissa, a dose
+    of 70 Gy would move in steps of 0.25 Gy and logits lose the small differences the losses depend on. The layer
+    is a 1x1 convolution or a linear layer with a few outputs: float32 costs little there. (Eager mode only: the
+    decoders call it through a ``torch.jit.unused`` method, TorchScript runs the layer as it is.)"""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return layer(x.float())
+    return layer(x)
+
+
 class _UpBlock(nn.Module):
     """Up-sample (bilinear / trilinear) to the skip's size, concatenate the skip, two 3x3 conv-BN-ReLU."""
 
@@ -112,6 +123,11 @@ class PixelDecoder(nn.Module):
         state_dict.setdefault(prefix + "output_scale", self.output_scale.detach().clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @torch.jit.unused
+    def _head_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The output layer, in float32 under autocast (see ``_output_layer``)."""
+        return _output_layer(self.head, x)
+
     def forward(
         self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int], fine: list[torch.Tensor]
     ) -> torch.Tensor:
@@ -124,14 +140,15 @@ class PixelDecoder(nn.Module):
             fine: the stem feature and the input image (used by the ``fine_channels`` blocks only).
 
         Returns:
-            [B, out_channels, *out_size].
+            [B, out_channels, *out_size] (float32 under autocast: the output layer runs in float32).
         """
         x = bottleneck
         for i, block in enumerate(self.up):
             x = block(x, skips[2 - i])
         for i, block in enumerate(self.fine):
             x = block(x, fine[i])
-        x = self.head(x) * self.output_scale.to(x.dtype)
+        x = self.head(x) if torch.jit.is_scripting() else self._head_eager(x)
+        x = x * self.output_scale.to(x.dtype)
         return F.interpolate(x, size=out_size, mode=self.mode, align_corners=False)
 
 
@@ -178,6 +195,11 @@ class ImageDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(decoder_channels[-1], out_channels)
 
+    @torch.jit.unused
+    def _fc_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The fully connected layer, in float32 under autocast (see ``_output_layer``)."""
+        return _output_layer(self.fc, x)
+
     def forward(
         self, skips: list[torch.Tensor], bottleneck: torch.Tensor, out_size: list[int], fine: list[torch.Tensor]
     ) -> torch.Tensor:
@@ -190,7 +212,7 @@ class ImageDecoder(nn.Module):
             fine: unused (likewise).
 
         Returns:
-            logits [B, out_channels].
+            logits [B, out_channels] (float32 under autocast: the output layer runs in float32).
         """
         fused = [skips[1], skips[2], bottleneck]
         x = skips[0]
@@ -199,4 +221,5 @@ class ImageDecoder(nn.Module):
             if i < 3:
                 x = torch.cat([x, _match_size(fused[i], x, self.mode)], dim=1)
         x = self.pool(x).flatten(1)
-        return self.fc(self.dropout(x))
+        x = self.dropout(x)
+        return self.fc(x) if torch.jit.is_scripting() else self._fc_eager(x)

@@ -4,6 +4,7 @@ chest CT), and the whole dataset at once."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import SimpleITK as sitk
 from ctan_monai.data.stoic.labels import case_sort_key, find_stoic_root, read_reference
 from ctan_monai.data.validation import DatasetValidationError, ValidationReport
 
-__all__ = ["check_header", "intensity_problems", "read_checked_volume", "validate_dataset"]
+__all__ = ["check_header", "intensity_problems", "read_checked_volume", "validate_dataset", "volume_read_problem"]
 
 # Plausibility limits of a chest CT; outside them the file is reported, not trained on.
 IN_PLANE_SPACING_MM = (0.2, 5.0)
@@ -22,6 +23,107 @@ MIN_SLICES = 3  # a 2.5D sample needs slices z-1, z, z+1
 AIR_PERCENTILE_MAX_HU = -500.0  # the 1st percentile must be air (lungs, outside the body)
 TISSUE_PERCENTILE_MIN_HU = -200.0  # the 99th percentile must be soft tissue or bone
 HU_LIMITS = (-4000.0, 40000.0)  # anything beyond is not a Hounsfield unit
+
+
+# MetaImage element types and their sizes in bytes (MetaIO's metaTypes.h)
+_MET_BYTES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
+_META_HEADER_MAX = 1 << 16  # a MetaImage header is a few hundred bytes of "Key = Value" lines
+
+
+def _metaimage_problem(path: Path) -> str | None:
+    """What is wrong with a MetaImage file (``.mha`` / ``.mhd``) that ITK cannot read, from its header and size;
+    None when nothing is found."""
+    with open(path, "rb") as handle:
+        head = handle.read(_META_HEADER_MAX)
+    size = path.stat().st_size
+    fields: dict[str, str] = {}
+    header_end = None
+    offset = 0
+    for raw in head.splitlines(keepends=True):
+        offset += len(raw)
+        key, sep, value = raw.decode("latin-1").partition("=")
+        if not sep:
+            break
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            header_end = offset
+            break
+    if not fields:
+        return "not a MetaImage file: it does not start with 'Key = Value' header lines (corrupt, or not a .mha)"
+    missing = [k for k in ("NDims", "DimSize", "ElementType", "ElementDataFile") if k not in fields]
+    if missing:
+        return f"the MetaImage header is incomplete (no {', '.join(missing)}): the file is cut short or corrupt"
+    if fields["ElementDataFile"] != "LOCAL":
+        data_file = path.parent / fields["ElementDataFile"]
+        return None if data_file.is_file() else f"its voxel file {data_file} (ElementDataFile) does not exist"
+    data_bytes = size - int(header_end or 0)
+    try:
+        dims = [int(d) for d in fields["DimSize"].split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        compressed = fields.get("CompressedData", "False").lower() == "true"
+        packed = int(fields["CompressedDataSize"]) if "CompressedDataSize" in fields else None
+    except ValueError:
+        return f"the MetaImage header has unreadable sizes (DimSize = {fields['DimSize']!r}): the file is corrupt"
+    if compressed:
+        if packed is not None and data_bytes < packed:
+            return f"the compressed voxel data is cut short: {data_bytes} of {packed} bytes (a truncated copy?)"
+        return "the compressed voxel data cannot be decompressed: the file is corrupt"
+    if fields["ElementType"] not in _MET_BYTES:
+        return f"unknown ElementType {fields['ElementType']!r} in the MetaImage header"
+    expected = int(np.prod(dims)) * channels * _MET_BYTES[fields["ElementType"]]
+    if data_bytes < expected:
+        return f"the voxel data is cut short: {data_bytes} of {expected} bytes (a truncated copy?)"
+    return None
+
+
+def volume_read_problem(path: str | os.PathLike[str], error: BaseException) -> str:
+    """Why SimpleITK could not read a volume file that exists, in words (not ITK's, whose "Reason: No such file or
+    directory" only says that its read failed).
+
+    For MetaImage files (``.mha`` / ``.mhd``) the header and the file size say what is wrong: a header cut short or
+    missing fields, voxel data shorter than the header's size, compressed data that does not decompress.
+
+    Args:
+        path: the file.
+        error: SimpleITK's error.
+
+    Returns:
+        the problem, e.g. ``"corrupt or truncated file: the voxel data is cut short: 2048 of 4096 bytes (...)"``.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "1.mha"
+        >>> header = b"NDims = 3\\nDimSize = 4 4 4\\nElementType = MET_SHORT\\nElementDataFile = LOCAL\\n"
+        >>> _ = f.write_bytes(header + bytes(10))
+        >>> volume_read_problem(f, RuntimeError("Reason: No such file or directory"))
+        'corrupt or truncated file: the voxel data is cut short: 10 of 128 bytes (a truncated copy?)'
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty (0 bytes)"
+        detail = _metaimage_problem(path) if path.suffix.lower() in (".mha", ".mhd") else None
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if detail is None:
+        # ITK's own words, less what misleads: the object address and the errno of a read that merely failed
+        lines = [line.strip() for line in str(error).strip().splitlines()]
+        lines = [line for line in lines if line and not line.startswith(("Reason:", "Exception thrown in"))]
+        detail = re.sub(r"\(0x[0-9a-f]+\)", "", lines[-1]) if lines else "SimpleITK cannot read it"
+    return f"corrupt or truncated file: {detail}"
 
 
 def check_header(path: Path, case: str, report: ValidationReport) -> bool:
@@ -43,8 +145,7 @@ def check_header(path: Path, case: str, report: ValidationReport) -> bool:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
-        report.add(str(path), f"unreadable volume ({first_line})", case)
+        report.add(str(path), f"unreadable volume: {volume_read_problem(path, err)}", case)
         return False
     problems = []
     if reader.GetDimension() != 3:
@@ -135,7 +236,7 @@ def validate_dataset(root: str | os.PathLike[str], check_intensities: bool = Tru
         try:
             volume = sitk.ReadImage(str(path))
         except RuntimeError as err:
-            report.add(str(path), f"voxels unreadable ({str(err).strip().splitlines()[-1]})", case)
+            report.add(str(path), f"voxels unreadable: {volume_read_problem(path, err)}", case)
             continue
         for message in intensity_problems(sitk.GetArrayViewFromImage(volume)):
             report.add(str(path), message, case)
@@ -170,7 +271,7 @@ def read_checked_volume(path: str | os.PathLike[str], case: str | None = None) -
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
-            report.add(str(path), f"voxels unreadable ({str(err).strip().splitlines()[-1]})", case)
+            report.add(str(path), f"voxels unreadable: {volume_read_problem(path, err)}", case)
         else:
             for message in intensity_problems(sitk.GetArrayViewFromImage(image)):
                 report.add(str(path), message, case)

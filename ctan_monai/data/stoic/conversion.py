@@ -12,7 +12,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from ctan_monai.data.stoic.checks import intensity_problems, validate_dataset
+from ctan_monai.data.stoic.checks import intensity_problems, validate_dataset, volume_read_problem
 from ctan_monai.data.stoic.labels import datalist_entry, find_stoic_root, read_reference
 from ctan_monai.data.stoic.preprocessing import (
     CROP_MARGIN_MM,
@@ -72,7 +72,10 @@ def _convert_case(entry: Mapping[str, Any], cache_dir: Path, settings: Mapping[s
     record = _reusable_record(record_path, fingerprint)
     if record is not None:
         return record
-    image = sitk.ReadImage(str(source))
+    try:
+        image = sitk.ReadImage(str(source))
+    except RuntimeError as err:  # the header read (validated up front); the voxels did not
+        raise ValueError(f"voxels unreadable: {volume_read_problem(source, err)}") from err
     problems = intensity_problems(sitk.GetArrayViewFromImage(image))
     if problems:
         raise ValueError("; ".join(problems))
