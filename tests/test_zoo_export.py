@@ -5,6 +5,7 @@ install on Python 3.10, the files the zoo checks; the per-bundle export checks l
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from ctan_monai.zoo.export import ZooExportError, export_bundle
 from ctan_monai.zoo.readme import split_sections
 from ctan_monai.zoo.requirements import ZOO_PINS, bundle_requirements
 from ctan_monai.zoo.rewrite import remaining_references, rename_package_in_config, rename_package_in_source
+from tests.zoo_checks import random_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(ctan_monai.__file__).resolve().parent
@@ -94,20 +96,10 @@ def test_source_bundle_json_is_zoo_formatted(bundle: str) -> None:
         assert text == json.dumps(json.loads(text), indent=4, ensure_ascii=False) + "\n", path
 
 
-def _random_weights(bundle: Path, target: Path) -> Path:
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.yaml"))
-    parser["bundle_root"] = str(bundle)
-    torch.manual_seed(0)
-    torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, target)
-    return target
-
-
 def test_export_writes_a_self_contained_bundle(tmp_path: Path) -> None:
     source = REPO_ROOT / "bundles" / "ctan_ham10000"
-    weights = _random_weights(source, tmp_path / "checkpoint.pt")  # a training checkpoint: weights under "model"
+    weights = tmp_path / "checkpoint.pt"  # a training checkpoint: the weights under "model"
+    torch.save({"model": torch.load(random_weights(source, tmp_path / "w.pt"), weights_only=True)}, weights)
     out = tmp_path / "dist" / "ctan_ham10000"
     result = export_bundle(source, out, model=weights, write_zip=True)
     assert zoo_file_problems(out) == []
@@ -143,12 +135,16 @@ def test_export_writes_a_self_contained_bundle(tmp_path: Path) -> None:
 
 
 def test_export_refuses_placeholder_metrics_and_missing_weights(tmp_path: Path) -> None:
-    source = REPO_ROOT / "bundles" / "ctan_prostate"
-    meta = json.loads((source / "configs" / "metadata.json").read_text())
-    weights = _random_weights(source, tmp_path / "w.pt")
-    if not any(meta["eval_metrics"].values()):
-        with pytest.raises(ZooExportError, match="placeholders"):
-            export_bundle(source, tmp_path / "a", model=weights)
+    source = tmp_path / "src" / "ctan_prostate"
+    shutil.copytree(REPO_ROOT / "bundles" / "ctan_prostate" / "configs", source / "configs")
+    shutil.copy(REPO_ROOT / "bundles" / "ctan_prostate" / "LICENSE", source / "LICENSE")
+    meta_path = source / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["eval_metrics"] = {"mean_dice": 0.0, "dose_mae": 0.0}  # what three bundles once shipped
+    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+    weights = random_weights(source, tmp_path / "w.pt")
+    with pytest.raises(ZooExportError, match="placeholders"):
+        export_bundle(source, tmp_path / "a", model=weights)
     with pytest.raises(ZooExportError, match="no trained weights"):
         export_bundle(source, tmp_path / "b", model=tmp_path / "missing.pt")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written

@@ -1,17 +1,21 @@
-"""The model zoo's checks on an exported bundle, run offline: shared by the bundle test modules (each exports its
-own demo-trained model) and the portability test."""
+"""The model zoo's checks on an exported bundle, run offline (MONAI's bundle checks in a given interpreter, the zoo
+repository's code style), and the fresh environments the portability tests run exported bundles in."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
+import venv
 from pathlib import Path
 
-from ctan_monai.zoo.checks import zoo_file_problems
-from ctan_monai.zoo.export import ExportResult, export_bundle
+from ctan_monai.zoo.export import shape_check_network
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
@@ -34,23 +38,22 @@ _MONAI_CHECKS = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, _NoProject())
-    bundle, schema = sys.argv[1], sys.argv[2]
+    bundle, data_root, shape_net_id = sys.argv[1], sys.argv[2], sys.argv[3]
     sys.path.insert(0, bundle)
     import torch
-    from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+    from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
 
     result = {}
-    verify_metadata(meta_file=f"{bundle}/configs/metadata.json", filepath=schema)
     for kind, config in (("train", "train.yaml"), ("inference", "inference.yaml")):
         workflow = ConfigWorkflow(
             config_file=f"{bundle}/configs/{config}", meta_file=f"{bundle}/configs/metadata.json",
-            logging_file=f"{bundle}/configs/logging.conf", workflow_type=kind, bundle_root=bundle,
+            logging_file=f"{bundle}/configs/logging.conf", workflow_type=kind, bundle_root=data_root,
         )
         workflow.initialize()  # as the zoo's create_workflow does; properties are then parsed one by one
         result[f"missing_{kind}_properties"] = workflow.check_properties() or []
     verify_net_in_out(
-        net_id="seg_network_def", meta_file=f"{bundle}/configs/metadata.json",
-        config_file=f"{bundle}/configs/train.yaml", bundle_root=bundle,
+        net_id=shape_net_id, meta_file=f"{bundle}/configs/metadata.json",
+        config_file=f"{bundle}/configs/train.yaml", bundle_root=data_root,
     )
     ckpt_export(
         net_id="network_def", filepath=f"{bundle}/models/verify_model.ts", ckpt_file=f"{bundle}/models/model.pt",
@@ -79,13 +82,17 @@ _MONAI_CHECKS = textwrap.dedent(
 )
 
 
-def run_monai_checks(bundle: Path, python: str = sys.executable, timeout: float = 600) -> dict:
-    """MONAI's checks of the zoo on an exported bundle, in a subprocess that cannot import ``ctan_monai``:
-    ``verify_metadata`` (the shared schema, offline), ``check_properties`` for train and inference,
-    ``verify_net_in_out`` on ``seg_network_def``, ``ckpt_export`` and the TorchScript module's outputs against the
-    eager network's. Returns what the subprocess measured; fails with its output when a check raised."""
+def run_monai_checks(
+    bundle: Path, python: str | Path = sys.executable, data_root: Path | None = None, timeout: float = 600
+) -> dict:
+    """MONAI's checks of the zoo on an exported bundle, in a subprocess (``python``) that cannot import
+    ``ctan_monai``: ``check_properties`` for train and inference
+    (the properties are parsed, so ``data_root``, a bundle folder that already holds the demo data, is their
+    ``bundle_root``), ``verify_net_in_out`` on ``seg_network_def``, ``ckpt_export`` and the TorchScript module's
+    outputs against the eager network's. Returns what the subprocess measured; fails with its output when a check
+    raised."""
     proc = subprocess.run(
-        [python, "-c", _MONAI_CHECKS, str(bundle), str(SCHEMA)],
+        [str(python), "-c", _MONAI_CHECKS, str(bundle), str(data_root or bundle), shape_check_network(bundle)],
         cwd=bundle.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -109,15 +116,124 @@ def run_code_style_checks(bundle: Path) -> None:
         assert proc.returncode == 0, f"{' '.join(command[2:4])}: {proc.stdout[-3000:]}"
 
 
-def export_and_check(bundle: Path, model: Path, report: Path | None, out: Path) -> ExportResult:
-    """Export ``bundle`` with ``model`` (and its evaluation ``report``) to ``out`` and run every offline zoo check
-    on it: the file checks, MONAI's checks and the code style. Returns the export's result."""
-    if out.exists():
-        shutil.rmtree(out)
-    result = export_bundle(bundle, out, model=model, report=report)
-    assert zoo_file_problems(out) == []
-    checks = run_monai_checks(out)
+# ------------------------------------------------------------------------------------------ fresh environments
+PIP_TIMEOUT = 1200
+# one short epoch per bundle on its demo (validated at its end: the report gives the re-export's eval_metrics)
+SHORT_TRAINING = {
+    "ctan_openkbp": ["--train_slices_per_epoch", "8", "--batch_size", "4", "--summary_untrained", "False"],
+    "ctan_prostate": ["--train_slices_per_epoch", "8", "--batch_size", "4", "--summary_untrained", "False"],
+    "ctan_ham10000": ["--image_size", "64", "--train_samples_per_epoch", "16", "--summary_untrained", "False"],
+    "ctan_stoic": ["--train_patients_per_epoch", "4", "--summary_untrained", "False"],
+}
+INFERENCE_OPTIONS = {"ctan_ham10000": ["--image_size", "64"]}
+
+
+def _pip(python: Path, *args: str) -> None:
+    proc = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=PIP_TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def _site_packages(env: Path) -> Path:
+    return Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
+
+
+def fresh_env(cache: Path, requirements: list[str], base: Path | None = None) -> Path:
+    """A virtual environment under ``cache`` with exactly ``requirements`` (and, through a ``.pth`` file, what
+    ``base`` holds: torch, installed first as the exported README says), made once per requirement list and shared
+    by pytest-xdist workers (a lock file; a marker written last, so a half-made one is redone)."""
+    key = hashlib.sha256("\n".join(sorted(requirements) + [str(base)]).encode()).hexdigest()[:16]
+    env = cache / f"env-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".env-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (env / ".ready").is_file():
+            shutil.rmtree(env, ignore_errors=True)
+            venv.create(env, with_pip=True)
+            if base is not None:
+                (_site_packages(env) / "zoo_base.pth").write_text(str(_site_packages(base)) + "\n")
+            _pip(env / "bin" / "python", *requirements)
+            (env / ".ready").write_text("\n".join(requirements) + "\n")
+    return env
+
+
+def metadata_requirements(bundle: Path) -> list[str]:
+    """The packages an exported bundle's ``metadata.json`` lists, pinned (torch aside)."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    pins = {"monai": meta["monai_version"], "numpy": meta["numpy_version"], **meta["required_packages_version"]}
+    return [f"{k}=={v}" for k, v in pins.items()]
+
+
+def run_in(python: Path, args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) -> str:
+    """``python -m monai.bundle <args>`` in ``cwd`` with none of this environment's Python paths."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env_extra or {})}
+    proc = subprocess.run(
+        [str(python), "-m", "monai.bundle", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def random_weights(bundle: Path, target: Path) -> Path:
+    """Seed-0 weights of ``bundle``'s inference network (an export needs some; the test then trains its own)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.yaml"))
+    parser["bundle_root"] = str(bundle)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), target)
+    return target
+
+
+def check_portable_bundle(name: str, work: Path, cache: Path) -> dict:
+    """The whole zoo path for one bundle: export it (seed-0 weights), train one short epoch on its demo in a fresh
+    environment holding only its metadata's packages (from the bundle folder), infer on the demo from another
+    directory, re-export with that demo-trained model and its validation report, and run every offline zoo check
+    on the re-export in the same environment. Returns what MONAI's checks measured."""
+    import torch
+    from monai.bundle import verify_metadata
+
+    from ctan_monai.zoo.checks import zoo_file_problems
+    from ctan_monai.zoo.export import export_bundle
+
+    source = REPO_ROOT / "bundles" / name
+    bundle = export_bundle(source, work / "first" / name, model=random_weights(source, work / "seed0.pt")).out_dir
+    torch_env = fresh_env(cache, [f"torch=={torch.__version__.split('+')[0]}"])
+    python = fresh_env(cache, metadata_requirements(bundle), base=torch_env) / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import ctan_monai"], capture_output=True, cwd=work)
+    assert probe.returncode != 0, "the fresh environment can import ctan_monai"
+
+    train = ["run", "training", "--config_file", "configs/train.yaml", "--epochs", "1", "--progress_bar", "False"]
+    run_in(python, train + SHORT_TRAINING[name], cwd=bundle)
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    infer = ["run", "--config_file", str(bundle / "configs" / "inference.yaml"), "--bundle_root", str(bundle)]
+    run_in(python, infer + INFERENCE_OPTIONS.get(name, []), cwd=elsewhere, env_extra={"PYTHONPATH": str(bundle)})
+    assert [p for p in (bundle / "runs" / "ctan" / "inference").rglob("*") if p.is_file()], "inference wrote nothing"
+    assert not any(elsewhere.iterdir()), "inference wrote into the working directory"
+
+    report = bundle / "runs" / "ctan" / "validation" / "report.json"
+    final = export_bundle(source, work / "final" / name, model=bundle / "models" / "model.pt", report=report).out_dir
+    assert zoo_file_problems(final) == []
+    verify_metadata(meta_file=str(final / "configs" / "metadata.json"), filepath=str(SCHEMA))  # needs jsonschema
+    meta = json.loads((final / "configs" / "metadata.json").read_text())
+    assert meta["eval_metrics"] and all(isinstance(v, float) for v in meta["eval_metrics"].values()), meta
+    checks = run_monai_checks(final, python=python, data_root=bundle)
     assert checks["missing_train_properties"] == [] and checks["missing_inference_properties"] == [], checks
     assert checks["max_abs_difference"] < 1e-4 and checks["imported_project"] == [], checks
-    run_code_style_checks(out)
-    return result
+    run_code_style_checks(final)
+    return checks

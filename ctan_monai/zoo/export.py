@@ -23,7 +23,14 @@ from ctan_monai.zoo.readme import compose_zoo_readme
 from ctan_monai.zoo.requirements import ZOO_PINS, bundle_requirements
 from ctan_monai.zoo.rewrite import remaining_references, rename_package_in_config, rename_package_in_source
 
-__all__ = ["ExportResult", "ZooExportError", "LARGE_FILE_BYTES", "export_bundle", "zoo_eval_metrics"]
+__all__ = [
+    "ExportResult",
+    "ZooExportError",
+    "LARGE_FILE_BYTES",
+    "export_bundle",
+    "shape_check_network",
+    "zoo_eval_metrics",
+]
 
 PACKAGE = "ctan_monai"
 SCRIPTS = "scripts"
@@ -98,14 +105,16 @@ def _state_dict_of(checkpoint: Any, source: Path) -> dict[str, Any]:
 
 def zoo_eval_metrics(bundle_dir: Path, report_path: Path) -> dict[str, float]:
     """The ``eval_metrics`` of ``metadata.json`` from an evaluation report: each task's key metric and the extra
-    metrics of the bundle's ``configs/compare.yaml``, as the report holds them (unscaled).
+    metrics of the bundle's ``configs/compare.yaml``; percentages as fractions (Dice 61.0 % -> 0.61), other values
+    in their unit (Gy).
 
     Args:
         bundle_dir: the source bundle (for its ``compare.yaml``).
         report_path: the evaluation report (``report.json``) of the model being exported.
 
     Returns:
-        metric name (the last part of its report path) -> value, rounded to 4 decimals.
+        metric name (the last part of its report path, with the one before where two share it) -> value,
+        rounded to 4 decimals.
 
     Raises:
         ZooExportError: when the report lacks a metric or holds an undefined one.
@@ -119,14 +128,20 @@ def zoo_eval_metrics(bundle_dir: Path, report_path: Path) -> dict[str, float]:
     spec = load_comparison_spec(bundle_dir)
     report = json.loads(report_path.read_text(encoding="utf-8"))
     metrics: dict[str, float] = {}
-    for metric in [*spec.metrics, *spec.extra_metrics]:
+    chosen = [*spec.metrics, *spec.extra_metrics]
+    last_parts = [m.path.split(".")[-1] for m in chosen]
+    for metric in chosen:
+        parts = metric.path.split(".")
+        # the last part of its report path names a metric, with the part before when two share it (auc_covid)
+        name = parts[-1] if last_parts.count(parts[-1]) == 1 else f"{parts[-1]}_{parts[-2]}"
         try:
-            value = read_metric(report, metric, str(report_path)) / metric.scale
+            value = read_metric(report, metric, str(report_path))
         except KeyError as e:
             raise ZooExportError(str(e)) from e
         if not math.isfinite(value):
             raise ZooExportError(f"{report_path}: {metric.path} is undefined; eval_metrics must be measured values")
-        metrics[metric.path.split(".")[-1]] = round(value, 4)
+        # percentages (the metric's label says %) as fractions, as the zoo's metadata holds them (mean_dice 0.61)
+        metrics[name] = round(value / 100 if "%" in metric.label else value, 4)
     return metrics
 
 
@@ -137,6 +152,26 @@ def _check_eval_metrics(metrics: dict[str, Any], source: Path) -> None:
             f"{source}: eval_metrics {metrics} are placeholders or undefined; pass --report with the evaluation "
             "report of the exported model"
         )
+
+
+def shape_check_network(bundle_dir: Path) -> str:
+    """The training config's single-output view of the network (a top-level ``*_network_def``), which MONAI's
+    ``verify_net_in_out`` can check; ``network_def`` itself returns a dictionary of task outputs.
+
+    Args:
+        bundle_dir: the bundle folder.
+
+    Returns:
+        the config id, e.g. ``"seg_network_def"``.
+
+    Raises:
+        ZooExportError: when the training config has none.
+    """
+    text = (bundle_dir / "configs" / "train.yaml").read_text(encoding="utf-8")
+    found = re.findall(r"(?m)^(\w+_network_def):", text)
+    if not found:
+        raise ZooExportError(f"{bundle_dir}/configs/train.yaml: no *_network_def (one output) for the shape check")
+    return found[0]
 
 
 def _display_name(metadata: dict[str, Any], folder: str) -> str:
@@ -165,6 +200,22 @@ def _export_configs(source: Path, target: Path) -> list[str]:
     return texts
 
 
+def _zoo_style(code: str, path: Path) -> str:
+    """The zoo repository's code style for a renamed module: imports sorted as its isort settings sort them (``scripts``
+    is not first-party there, so the renamed imports join the third-party block), then black at 120 columns."""
+    try:
+        import black
+        import isort
+    except ImportError as e:
+        hint = "pip install 'ctan_monai[zoo]'"
+        raise ZooExportError(f"the export formats scripts/ with isort and black: {hint} ({e})") from e
+    code = isort.code(code, profile="black", line_length=120, known_first_party=["models"])
+    try:
+        return black.format_str(code, mode=black.Mode(line_length=120))
+    except black.parsing.InvalidInput as e:  # pragma: no cover - the source was valid before renaming
+        raise ZooExportError(f"{path}: not valid Python after renaming ({e})") from e
+
+
 def _export_scripts(config_texts: list[str], target: Path) -> tuple[list[str], int, set[str]]:
     """Copy the package modules the configs need into ``scripts/``, renamed; returns the modules, their line
     count and their third-party imports."""
@@ -177,7 +228,8 @@ def _export_scripts(config_texts: list[str], target: Path) -> tuple[list[str], i
     for module in closure.modules:
         source_file = closure.files[module]
         relative = source_file.relative_to(package_dir)
-        text = rename_package_in_source(source_file.read_text(encoding="utf-8"), PACKAGE, SCRIPTS)
+        renamed = rename_package_in_source(source_file.read_text(encoding="utf-8"), PACKAGE, SCRIPTS)
+        text = _zoo_style(renamed, source_file)
         leftover = remaining_references(text, PACKAGE)
         if leftover:
             raise ZooExportError(f"{source_file}: lines {leftover} still import {PACKAGE} after renaming")
@@ -283,7 +335,11 @@ def export_bundle(
             shutil.copytree(docs, work / "docs")
         source_readme = (docs / _README_NAME).read_text(encoding="utf-8") if (docs / _README_NAME).is_file() else ""
         readme = compose_zoo_readme(
-            source_readme, metadata, bundle_name=out_dir.name, large_files=bool(result.large_files)
+            source_readme,
+            metadata,
+            bundle_name=out_dir.name,
+            large_files=bool(result.large_files),
+            shape_net_id=shape_check_network(bundle_dir),
         )
         _write_text(work / "docs" / _README_NAME, readme)
 

@@ -67,9 +67,10 @@ def _commands(bundle_name: str, metadata: dict[str, Any]) -> str:
     pins.update(metadata.get("required_packages_version", {}))
     packages = " ".join(f"{name}=={version}" for name, version in pins.items() if version)
     torch_pin = metadata.get("pytorch_version", "")
-    return f"""All commands run from this folder (`{bundle_name}/`); from another directory add
-`--bundle_root /path/to/{bundle_name}` and give the config files' full paths. The code is in `scripts/` (MONAI adds
-the bundle folder to the Python path), so only the packages of `configs/metadata.json` are needed, torch first (the
+    return f"""All commands run from this folder (`{bundle_name}/`). From another directory, give the config
+files' full paths, add `--bundle_root /path/to/{bundle_name}` and put the folder on the Python path
+(`PYTHONPATH=/path/to/{bundle_name}`): MONAI resolves a config's `imports` before it adds the bundle folder to the
+path itself. The code is in `scripts/`, so only the packages of `configs/metadata.json` are needed, torch first (the
 CPU wheel or your CUDA build):
 
 ```bash
@@ -107,7 +108,11 @@ python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt
 
 
 def compose_zoo_readme(
-    source_readme: str, metadata: dict[str, Any], bundle_name: str, large_files: bool = False
+    source_readme: str,
+    metadata: dict[str, Any],
+    bundle_name: str,
+    large_files: bool = False,
+    shape_net_id: str = "seg_network_def",
 ) -> str:
     """The zoo README of an exported bundle.
 
@@ -116,6 +121,7 @@ def compose_zoo_readme(
         metadata: the exported ``metadata.json`` content.
         bundle_name: the exported folder's name.
         large_files: whether ``models/model.pt`` is listed in ``large_files.yml`` (hosted outside the repository).
+        shape_net_id: the training config's single-output view of the network, for the shape check.
 
     Returns:
         the markdown text.
@@ -184,8 +190,8 @@ def compose_zoo_readme(
         "### Network shape check",
         "`network_def` returns a dictionary of task outputs (like HoVerNet, which the zoo lists in "
         "`exclude_verify_shape_list`), so `verify_net_in_out network_def` does not apply to it; the training config's "
-        "`seg_network_def` wraps the network to return the segmentation output alone and passes "
-        "`python -m monai.bundle verify_net_in_out seg_network_def --meta_file configs/metadata.json "
+        f"`{shape_net_id}` wraps the network to return one output alone and passes "
+        f"`python -m monai.bundle verify_net_in_out {shape_net_id} --meta_file configs/metadata.json "
         "--config_file configs/train.yaml`.",
         "",
         "## **Limitations**",
