@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
 from tests.conftest import OPENKBP_BUNDLE as BUNDLE
 from tests.conftest import QUICK_TRAIN_ARGS as QUICK
@@ -117,29 +118,19 @@ def test_verify_metadata_against_published_schema(bundle_copy: Path, tmp_path: P
     assert list(meta["network_data_format"]["outputs"])[0] == "pred"
     assert meta["network_data_format"]["outputs"]["pred"]["format"] == "segmentation"
     shutil.copy(schema, tmp_path / "schema.json")
-    out = run_bundle(
-        [
-            "verify_metadata",
-            "--meta_file",
-            str(BUNDLE / "configs" / "metadata.json"),
-            "--filepath",
-            str(tmp_path / "schema.json"),
-        ],
-        tmp_path,
-        timeout=600,
-    )
-    assert "metadata is verified with no error" in out
+    # in this process (a subprocess costs 10 s of imports; the CLI runs in the training tests): raises on an error
+    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(tmp_path / "schema.json"))
 
 
 def test_verify_net_in_out_on_segmentation_output(bundle_copy: Path) -> None:
     """MONAI's shape check runs on the first output (``seg_network_def`` wraps the multi-task network)."""
-    out = run_bundle(
-        ["verify_net_in_out", "seg_network_def", "--meta_file", "configs/metadata.json"]
-        + ["--config_file", "configs/train.yaml", "--backbone", "resnet18"],
-        bundle_copy,
-        timeout=600,
+    verify_net_in_out(  # raises when the output's shape or dtype disagrees with metadata.json
+        "seg_network_def",
+        meta_file=str(bundle_copy / "configs" / "metadata.json"),
+        config_file=str(bundle_copy / "configs" / "train.yaml"),
+        bundle_root=str(bundle_copy),
+        backbone="resnet18",
     )
-    assert "data shape of network is verified with no error" in out
 
 
 def test_ckpt_export_matches_checkpoint(bundle_copy: Path, tmp_path: Path) -> None:
@@ -157,11 +148,14 @@ def test_ckpt_export_matches_checkpoint(bundle_copy: Path, tmp_path: Path) -> No
     net = build_network("ctan", tasks, backbone="resnet18", fine_decoder_channels=fine, input_windows=window)
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
-    run_bundle(
-        ["ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(ckpt)]
-        + ["--meta_file", "configs/metadata.json", "--config_file", "configs/train.yaml", "--backbone", "resnet18"],
-        bundle_copy,
-        timeout=600,
+    ckpt_export(
+        "network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(ckpt),
+        meta_file=str(bundle_copy / "configs" / "metadata.json"),
+        config_file=str(bundle_copy / "configs" / "train.yaml"),
+        bundle_root=str(bundle_copy),
+        backbone="resnet18",
     )
     scripted = torch.jit.load(str(tmp_path / "model.ts"))
     net.eval()
