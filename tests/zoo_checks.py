@@ -229,7 +229,8 @@ def check_portable_bundle(name: str, work: Path, cache: Path) -> dict:
     bundle = export_bundle(source, work / "first" / name, model=random_weights(source, work / "seed0.pt")).out_dir
     torch_env = fresh_env(cache, [f"torch=={torch.__version__.split('+')[0]}"])
     python = fresh_env(cache, metadata_requirements(bundle), base=torch_env) / "bin" / "python"
-    probe = subprocess.run([str(python), "-c", "import ctan_monai"], capture_output=True, cwd=work)
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    probe = subprocess.run([str(python), "-c", "import ctan_monai"], capture_output=True, cwd=work, env=clean)
     assert probe.returncode != 0, "the fresh environment can import ctan_monai"
 
     train = ["run", "training", "--config_file", "configs/train.yaml", "--epochs", "1", "--progress_bar", "False"]
