@@ -1,11 +1,5 @@
-"""Exported CT bundles (OpenKBP, prostate) work without this repository and pass the model zoo's offline checks.
-
-Each bundle is exported with ``python -m ctan_monai.zoo export``, trains one short epoch on its demo in a fresh
-virtual environment holding torch and only the packages its ``metadata.json`` lists (from the bundle folder), runs
-inference on the demo from another directory, and is exported again with that demo-trained model and its validation
-report; the re-export then passes the zoo's file checks, MONAI's ``verify_metadata``, ``check_properties`` (train,
-inference), ``verify_net_in_out`` and ``ckpt_export`` (in that environment) and black / isort / flake8. The
-environments are made once per requirement list under the test cache (the other portability file shares them)."""
+"""The CT bundles (OpenKBP, prostate) exported for the model zoo run alone and pass its checks (see
+``tests.zoo_checks.check_portable_bundle``; one file per pair, so that pytest-xdist runs the pairs side by side)."""
 
 from __future__ import annotations
 
