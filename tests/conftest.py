@@ -160,6 +160,8 @@ def bundle_copy(tmp_path_factory) -> Path:
 # the longest test files, run first so that pytest-xdist (``-n auto --dist loadfile``) has the short ones left to
 # balance the workers at the end (measured on the 2-core CI machine; order only, nothing is skipped)
 LONG_TEST_FILES = (
+    "test_zoo_portability_ct.py",
+    "test_zoo_portability_2d.py",
     "test_compare.py",
     "test_openkbp_bundle.py",
     "test_prostate_bundle.py",
