@@ -68,6 +68,8 @@ def bundle_requirements(third_party_imports: Iterable[str], extra: Iterable[str]
     """
     names = {DISTRIBUTION_OF_IMPORT.get(name, name) for name in third_party_imports}
     names |= set(BASE_REQUIREMENTS) | set(extra)
+    if "matplotlib" in names:
+        names.add("pillow")  # matplotlib writes PNGs with it: pinned here so that the environment is reproducible
     names -= _OWN_KEYS
     missing = sorted(name for name in names if name not in ZOO_PINS)
     if missing:
