@@ -1012,13 +1012,13 @@ def _require(module: str) -> None:
 
 def _openkbp_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> PipelineSpec:
     _require("nibabel")
-    from ctan_monai.apps.openkbp import prepare_openkbp
+    from ctan_monai.apps.openkbp.prepare import prepare_openkbp
     from ctan_monai.data.slices import AxialSliceDataset, slice_augmentation
 
     data_dir, cache_dir, demo = _real_or_demo_dir("openkbp", options)
     n = options.pipeline_patients
     if (data_dir / "manifest.json").is_file():  # an existing NIfTI cache (the CSVs need not be there)
-        from ctan_monai.data.openkbp import load_manifest
+        from ctan_monai.apps.openkbp.conversion import load_manifest
 
         entries = load_manifest(data_dir, "train-pats")[:n]
     else:
@@ -1049,12 +1049,13 @@ def _ham10000_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> 
     _require("PIL")
     from monai.data import Dataset
 
-    from ctan_monai.data.ham10000 import build_datalist, train_transforms
+    from ctan_monai.apps.ham10000.transforms import train_transforms
+    from ctan_monai.apps.ham10000.validation import build_datalist
 
     data_dir, _, demo = _real_or_demo_dir("ham10000", options)
     images = max(7, 20 * options.pipeline_patients)
     if demo:
-        from ctan_monai.data.demo.ham10000 import write_ham10000_demo
+        from ctan_monai.apps.ham10000.demo import write_ham10000_demo
 
         _reuse_or_run(
             data_dir.parent / "demo.json",
@@ -1067,7 +1068,8 @@ def _ham10000_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> 
     return PipelineSpec(
         dataset,
         f"monai.data.Dataset of {len(datalist)} {'synthetic demo' if demo else 'real'} JPEG images + PNG masks "
-        "with ctan_monai.data.ham10000.train_transforms (decode, resize, flips, affine, colour), monai DataLoader",
+        "with ctan_monai.apps.ham10000.transforms.train_transforms (decode, resize, flips, affine, colour), "
+        "monai DataLoader",
         [t.name for t in setting.task_specs()],
         setting.batch,
         monai_loader=True,
@@ -1080,12 +1082,12 @@ STOIC_SLICES_PER_PATIENT = 4
 
 def _stoic_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> PipelineSpec:
     _require("SimpleITK")
-    from ctan_monai.data.stoic import Stoic25DDataset, convert_dataset
+    from ctan_monai.apps.stoic import Stoic25DDataset, convert_dataset
 
     data_dir, cache_dir, demo = _real_or_demo_dir("stoic", options)
     patients = max(3, options.pipeline_patients)
     if demo:
-        from ctan_monai.data.demo.stoic import write_stoic_demo
+        from ctan_monai.apps.stoic.demo import write_stoic_demo
 
         _reuse_or_run(
             data_dir.parent / "demo.json",
@@ -1099,7 +1101,7 @@ def _stoic_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> Pip
     )
     return PipelineSpec(
         dataset,
-        f"ctan_monai.data.stoic.Stoic25DDataset over the NIfTI cache of {len(cases)} "
+        f"ctan_monai.apps.stoic.Stoic25DDataset over the NIfTI cache of {len(cases)} "
         f"{'synthetic demo' if demo else 'real'} patient(s): volume read, lung window, {STOIC_SLICES_PER_PATIENT} "
         "random 3-slice slabs per patient, resize; monai DataLoader",
         [t.name for t in setting.task_specs()],
@@ -1118,7 +1120,7 @@ def _prostate_pipeline(setting: BenchmarkSetting, options: BenchmarkOptions) -> 
     data_dir, cache_dir, demo = _real_or_demo_dir("prostate", options)
     patients = max(1, options.pipeline_patients)
     if demo:
-        from ctan_monai.data.demo.dicom_rt import write_prostate_demo
+        from ctan_monai.apps.prostate.demo import write_prostate_demo
 
         def write_demo() -> int:
             if data_dir.exists():  # a demo of another size: its randomly named files would mix with the new ones

@@ -51,7 +51,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
 from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 
 import ctan_monai  # noqa: E402
-from ctan_monai.apps.volume_inference import InputImageError  # noqa: E402
+from ctan_monai.data.inputs import InputImageError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

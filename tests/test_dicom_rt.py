@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 from scipy import ndimage
 
-from ctan_monai.data.demo.dicom_rt import DEMO_ORGANS, write_prostate_demo
+from ctan_monai.apps.prostate.demo import DEMO_ORGANS, write_prostate_demo
 from ctan_monai.data.dicom_rt import (
     THORAX_ORGANS,
     DicomDecodeError,

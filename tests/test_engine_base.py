@@ -10,7 +10,7 @@ import math
 import pytest
 from ignite.engine import Engine
 
-from ctan_monai.apps.ham10000_inference import PredictionTableHandler
+from ctan_monai.apps.ham10000.inference import PredictionTableHandler
 from ctan_monai.engines import (
     ImageEvaluationHandler,
     PatientClassificationHandler,

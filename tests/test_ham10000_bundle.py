@@ -19,15 +19,11 @@ import torch
 from ignite.engine import Engine
 from PIL import Image
 
-from ctan_monai.apps.ham10000 import (
-    diagnosis_task_losses,
-    prepare_ham10000,
-    sample_weights,
-    training_sampler,
-)
-from ctan_monai.apps.ham10000_inference import TaskOutputsToKeysd, find_inference_images
-from ctan_monai.data.demo.ham10000 import write_ham10000_demo
-from ctan_monai.data.ham10000 import HAM10000_CLASSES, inference_transforms
+from ctan_monai.apps.ham10000.demo import write_ham10000_demo
+from ctan_monai.apps.ham10000.inference import TaskOutputsToKeysd, find_inference_images
+from ctan_monai.apps.ham10000.prepare import diagnosis_task_losses, prepare_ham10000, sample_weights, training_sampler
+from ctan_monai.apps.ham10000.transforms import inference_transforms
+from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES
 from ctan_monai.data.samplers import WeightedSubsetSampler
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.engines.image_evaluation import ImageEvaluationHandler

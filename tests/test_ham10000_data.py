@@ -17,25 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ctan_monai.data.demo.ham10000 import write_ham10000_demo
-from ctan_monai.data.ham10000 import (
-    HAM10000_CLASSES,
+from ctan_monai.apps.ham10000.demo import write_ham10000_demo
+from ctan_monai.apps.ham10000.sampling import class_count_table, class_counts, class_weights, weighted_sampler
+from ctan_monai.apps.ham10000.splits import check_no_lesion_leak, load_split, prepare_splits, split_by_lesion
+from ctan_monai.apps.ham10000.transforms import (
     AddPresenceFlagsd,
-    build_datalist,
-    check_no_lesion_leak,
-    class_count_table,
-    class_counts,
-    class_weights,
     eval_transforms,
-    find_dataset_dir,
     inference_transforms,
-    load_split,
-    prepare_splits,
-    split_by_lesion,
     train_transforms,
-    validate_dataset,
-    weighted_sampler,
 )
+from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES, build_datalist, find_dataset_dir, validate_dataset
 from ctan_monai.data.validation import DatasetValidationError
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]  # the order the package must use
@@ -268,7 +259,7 @@ def test_all_problems_reported_at_once_and_skippable(demo_copy: Path, caplog: py
     with pytest.raises(DatasetValidationError) as err:
         build_datalist(demo_copy)
     assert len(err.value.problems) == len(report.problems)
-    with caplog.at_level(logging.WARNING, logger="ctan_monai.data.ham10000"):
+    with caplog.at_level(logging.WARNING, logger="ctan_monai.apps.ham10000"):
         kept = build_datalist(demo_copy, skip_bad=True)
     assert {e["image_id"] for e in kept} == {r["image_id"] for r in rows} - set(corrupted) - lesion0
     assert f"skipping {len(set(corrupted) | lesion0)} of {len(rows)} case(s)" in caplog.text

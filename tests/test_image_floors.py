@@ -16,9 +16,10 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from ctan_monai.apps.ham10000 import training_floor
-from ctan_monai.data.demo.ham10000 import write_ham10000_demo
-from ctan_monai.data.ham10000 import HAM10000_CLASSES, build_datalist, eval_transforms, mask_transforms
+from ctan_monai.apps.ham10000.demo import write_ham10000_demo
+from ctan_monai.apps.ham10000.prepare import training_floor
+from ctan_monai.apps.ham10000.transforms import eval_transforms, mask_transforms
+from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES, build_datalist
 from ctan_monai.engines import ClassificationFloor, ImageFloor, MaskFloor, PrevalenceFloor, compare_with_floor
 from ctan_monai.engines.image_evaluation import ImageEvaluationHandler
 from ctan_monai.engines.patient_classification import PatientClassificationHandler, task_metrics

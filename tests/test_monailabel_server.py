@@ -160,9 +160,9 @@ def _write_label_pair(folder: Path, name: str, image: sitk.Image, label: sitk.Im
 def studies(work: Path) -> Path:
     """The datastore: one labelled OpenKBP CT (grey values, stored RAS), one labelled prostate CT (HU) and one
     labelled HAM10000 image (JPEG, mask PNG 0/255)."""
-    from ctan_monai.data.demo.dicom_rt import write_prostate_demo
-    from ctan_monai.data.demo.openkbp import synthetic_openkbp_patient
-    from ctan_monai.data.openkbp import label_map_from_structures, openkbp_affine
+    from ctan_monai.apps.openkbp.demo import synthetic_openkbp_patient
+    from ctan_monai.apps.openkbp.reader import label_map_from_structures, openkbp_affine
+    from ctan_monai.apps.prostate.demo import write_prostate_demo
 
     folder = work / "studies"
     folder.mkdir()
@@ -187,7 +187,7 @@ def studies(work: Path) -> Path:
     for k, organ in enumerate(["Rectum", "Bladder", "Femur_L", "Femur_R"], start=1):
         label[synthetic.masks[organ]] = k
     _write_label_pair(folder, "pros_1.nii.gz", ct, sitk.GetImageFromArray(label))
-    from ctan_monai.data.demo.ham10000 import write_ham10000_demo
+    from ctan_monai.apps.ham10000.demo import write_ham10000_demo
 
     ham = write_ham10000_demo(work / "ham_train", n_images=7)
     image = sorted(ham.rglob("ISIC_*.jpg"))[0]
@@ -269,8 +269,8 @@ def _standalone(bundles: Path, name: str, out: Path, **overrides: Any) -> Path:
 def openkbp_case(work: Path, bundles: Path) -> dict[str, Path]:
     """A synthetic OpenKBP CT (grey values) on a 64^3 grid as NIfTI in the cache's PLI order and as RAS, and the
     standalone bundle's label map for it."""
-    from ctan_monai.data.demo.openkbp import synthetic_openkbp_patient
-    from ctan_monai.data.openkbp import openkbp_affine
+    from ctan_monai.apps.openkbp.demo import synthetic_openkbp_patient
+    from ctan_monai.apps.openkbp.reader import openkbp_affine
 
     folder = work / "openkbp"
     folder.mkdir()
@@ -289,8 +289,8 @@ def openkbp_case(work: Path, bundles: Path) -> dict[str, Path]:
 def prostate_case(work: Path, bundles: Path) -> dict[str, Path]:
     """A synthetic prostate DICOM-RT patient (CT series + RTSTRUCT + RTDOSE), its CT as NIfTI in two orientations,
     and the standalone bundle's label map."""
-    from ctan_monai.apps.prostate_inference import find_ct_series
-    from ctan_monai.data.demo.dicom_rt import write_prostate_demo
+    from ctan_monai.apps.prostate.demo import write_prostate_demo
+    from ctan_monai.apps.prostate.inference import find_ct_series
     from ctan_monai.data.dicom_rt import read_ct_series
 
     folder = work / "prostate"
@@ -374,7 +374,7 @@ def test_prostate_dicom_series_and_two_orientations(server: str, prostate_case: 
 
 
 def test_ham10000_png_and_jpeg(server: str, work: Path) -> None:
-    from ctan_monai.data.demo.ham10000 import write_ham10000_demo
+    from ctan_monai.apps.ham10000.demo import write_ham10000_demo
 
     data = write_ham10000_demo(work / "ham", n_images=7)
     jpeg = sorted(data.rglob("ISIC_*.jpg"))[0]
@@ -398,7 +398,7 @@ def test_ham10000_png_and_jpeg(server: str, work: Path) -> None:
 
 
 def test_stoic_probabilities_match_standalone(server: str, bundles: Path, work: Path) -> None:
-    from ctan_monai.data.demo.stoic import write_stoic_demo
+    from ctan_monai.apps.stoic.demo import write_stoic_demo
 
     data = write_stoic_demo(work / "stoic", n_patients=3)
     ct = sorted((data / "data" / "mha").glob("*.mha"))[0]

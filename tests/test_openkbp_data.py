@@ -14,20 +14,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ctan_monai.data.demo.openkbp import synthetic_openkbp_patient, write_openkbp_demo
-from ctan_monai.data.openkbp import (
+from ctan_monai.apps.openkbp.conversion import convert_dataset, load_manifest
+from ctan_monai.apps.openkbp.demo import synthetic_openkbp_patient, write_openkbp_demo
+from ctan_monai.apps.openkbp.reader import (
     DEFAULT_STRUCTURES,
     STRUCTURE_NAMES,
     OpenKBPDataWarning,
-    build_datalist,
-    convert_dataset,
     label_map_from_structures,
-    load_manifest,
     read_patient,
     read_sparse_csv,
-    validate_dataset,
     write_dose_csv,
 )
+from ctan_monai.apps.openkbp.validation import build_datalist, validate_dataset
 from ctan_monai.data.slices import (
     AxialSliceDataset,
     load_case,
@@ -164,7 +162,7 @@ def test_one_real_patient_volumes_equal_an_independent_parse(real_dirs):
 
 @pytest.mark.realdata
 def test_real_orientation_is_as_documented(real_dirs):
-    """Row A->P, column R->L, slice S->I (see the module docstring of ctan_monai.data.openkbp)."""
+    """Row A->P, column R->L, slice S->I (see the module docstring of ctan_monai.apps.openkbp)."""
     checked = 0
     for folder in real_dirs[:12]:
         names = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid")
@@ -408,7 +406,7 @@ def test_real_cache_round_trip_and_reuse(real_dirs, tmp_path):
 
     # the cache alone (copied to a machine without the CSVs) trains as is when dataset_dir is the folder it was made
     # from; another folder (a typo), a mismatched or a damaged cache is refused
-    from ctan_monai.apps.openkbp import prepare_openkbp
+    from ctan_monai.apps.openkbp.prepare import prepare_openkbp
 
     moved = tmp_path / "moved_cache"
     shutil.copytree(cache, moved)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctan_monai.data.openkbp import openkbp_affine, read_patient, read_sparse_csv
+from ctan_monai.apps.openkbp.reader import openkbp_affine, read_patient, read_sparse_csv
 from tests.conftest import QUICK_TRAIN_ARGS as QUICK
 from tests.conftest import run_bundle, run_command
 

@@ -16,17 +16,17 @@ import pytest
 import torch
 from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
-from ctan_monai.apps.prostate import (
+from ctan_monai.apps.openkbp.reader import openkbp_affine
+from ctan_monai.apps.prostate.demo import DEMO_ORGANS, write_prostate_demo
+from ctan_monai.apps.prostate.inference import LoadDicomCTd, find_ct_series, ras_affine
+from ctan_monai.apps.prostate.prepare import (
     BUNDLE_AXCODES,
     LabelMapStructures,
     LoadProstateCased,
     prepare_prostate,
     split_cases,
 )
-from ctan_monai.apps.prostate_inference import LoadDicomCTd, find_ct_series, ras_affine
-from ctan_monai.data.demo.dicom_rt import DEMO_ORGANS, write_prostate_demo
 from ctan_monai.data.dicom_rt import body_mask_from_ct
-from ctan_monai.data.openkbp import openkbp_affine
 from ctan_monai.data.slices import AxialSliceDataset
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.networks import build_network

@@ -3,8 +3,8 @@
 series with its geometry as a MetaTensor (so that MONAI's ``Orientationd`` / ``Invertd`` move it to the training
 orientation and back), and summarise the predicted dose per predicted structure in the result JSON.
 
-A bad input raises :class:`InputImageError` (a ``ValueError``) naming the file and the problem; the MONAI Label app
-turns it into an HTTP 422 reply.
+A bad input raises :class:`ctan_monai.data.inputs.InputImageError` (a ``ValueError``) naming the file and the
+problem; the MONAI Label app turns it into an HTTP 422 reply.
 """
 
 from __future__ import annotations
@@ -21,41 +21,13 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
-from ctan_monai.data.dicom_rt import DicomDecodeError, DicomSeriesError, read_ct_series
+from ctan_monai.data.dicom_rt.ct_series import DicomSeriesError, read_ct_series
+from ctan_monai.data.dicom_rt.inputs import find_ct_series, ras_affine
+from ctan_monai.data.dicom_rt.pixels import DicomDecodeError
+from ctan_monai.data.inputs import InputImageError, check_input_file
 from ctan_monai.metrics.dose import dvh_metrics
 
 __all__ = ["DoseSummaryd", "InputImageError", "LoadCTVolumed", "check_input_file", "dose_summary"]
-
-
-class InputImageError(ValueError):
-    """An input image that the bundle cannot take (empty, unreadable, wrong number of channels or dimensions)."""
-
-
-def check_input_file(path: str | os.PathLike[str]) -> Path:
-    """Check that an input image file (or DICOM folder) exists and is not empty.
-
-    Args:
-        path: the file or folder.
-
-    Returns:
-        the path.
-
-    Raises:
-        InputImageError: naming the path when it does not exist, is an empty file or an empty folder.
-
-    Example:
-        >>> check_input_file("ct.nii.gz")  # doctest: +SKIP
-        PosixPath('ct.nii.gz')
-    """
-    p = Path(path)
-    if p.is_dir():
-        if not any(f.is_file() for f in p.rglob("*")):
-            raise InputImageError(f"input {str(p)!r} is an empty folder (expected the files of one DICOM CT series)")
-    elif not p.is_file():
-        raise InputImageError(f"input {str(p)!r} does not exist")
-    elif p.stat().st_size == 0:
-        raise InputImageError(f"input {str(p)!r} is an empty file (0 bytes)")
-    return p
 
 
 def _is_volume_file(path: Path) -> bool:
@@ -149,8 +121,6 @@ class LoadCTVolumed(MapTransform):
 
     @staticmethod
     def _load_dicom(paths: Sequence[Path]) -> MetaTensor:
-        from ctan_monai.apps.prostate_inference import find_ct_series, ras_affine
-
         if len(paths) == 1 and paths[0].is_dir():  # a folder: its one CT series (RTSTRUCT, RTDOSE, ... ignored)
             try:
                 series = find_ct_series(paths[0])

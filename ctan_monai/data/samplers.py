@@ -91,7 +91,7 @@ class RandomSubsetSampler(DistributedSampler):
 
 class WeightedSubsetSampler(RandomSubsetSampler):
     """Draw ``num_samples`` indices per epoch with replacement, each with probability proportional to its weight
-    (e.g. the class weight of each image, ``ctan_monai.apps.ham10000.sample_weights``), and under DDP give each
+    (e.g. the class weight of each image, ``ctan_monai.apps.ham10000.prepare.sample_weights``), and under DDP give each
     rank its share of that one draw.
 
     Like :class:`RandomSubsetSampler`, the draw depends only on ``seed`` and the epoch (``set_epoch``, called by MONAI's

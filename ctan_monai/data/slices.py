@@ -1,7 +1,7 @@
 """Axial 2D slices of converted CT volumes (image, label map, dose, dose mask) for multi-task training.
 
-Works from any manifest of NIfTI paths: OpenKBP (``ctan_monai.data.openkbp.convert_dataset``) and the prostate
-DICOM-RT conversion write the same entry schema::
+Works from any manifest of NIfTI paths: OpenKBP (``ctan_monai.apps.openkbp.conversion.convert_dataset``) and the
+prostate DICOM-RT conversion write the same entry schema::
 
     {"case_id": "pt_1", "image": "...nii.gz", "label": "...nii.gz" | None, "dose": "...nii.gz" | None,
      "dose_mask": "...nii.gz" | None, "label_class_present": [1, 1, 0, 1, 1]}  # optional, background first

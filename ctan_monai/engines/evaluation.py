@@ -20,28 +20,10 @@ from ctan_monai.engines.floors import VolumeFloor
 from ctan_monai.metrics.dose import aggregate_dose_results, evaluate_dose, masked_mae, openkbp_dose_score
 from ctan_monai.metrics.segmentation import aggregate_dice, dice_report
 
-__all__ = ["FLOOR_KEY_METRICS", "CaseReference", "DVHStructuresFn", "VolumeEvaluationHandler", "openkbp_dvh_structures"]
+__all__ = ["FLOOR_KEY_METRICS", "CaseReference", "DVHStructuresFn", "VolumeEvaluationHandler"]
 
 # (case entry / batch metadata) -> (structure masks on the evaluation grid, voxel spacing in mm), or None
 DVHStructuresFn = Callable[[Mapping[str, Any]], "tuple[dict[str, np.ndarray], Sequence[float]] | None"]
-
-
-def openkbp_dvh_structures(case: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], Sequence[float]] | None:
-    """All OpenKBP structures (OARs and PTVs) of a case, read from its source patient folder, for the DVH score.
-
-    Args:
-        case: a batch/manifest entry with ``source`` (the patient folder) and ``spacing``.
-
-    Returns:
-        ``(masks, spacing)``, or None when the entry has no source folder.
-    """
-    from ctan_monai.data.openkbp import read_patient  # local: evaluation of other datasets does not need it
-
-    source = case.get("source")
-    if not source or not os.path.isdir(str(source)):
-        return None
-    patient = read_patient(str(source))
-    return dict(patient.structures), patient.voxel_size_mm
 
 
 def _first(value: Any) -> Any:
@@ -119,7 +101,8 @@ class VolumeEvaluationHandler(RunCollectorHandler):
         seg_task: the segmentation task's name, or None when there is none.
         dose_task: the dose task's name, or None when there is none.
         output_dir: folder for the report and figures; None to only set metrics.
-        dvh_structures: function giving a case's structures for the DVH score (e.g. ``openkbp_dvh_structures``).
+        dvh_structures: function giving a case's structures for the DVH score (e.g.
+            ``ctan_monai.apps.openkbp.evaluation.openkbp_dvh_structures``).
         figures: how many cases get figures (CT with dose and contours, DVH curves).
         prefix: metric name prefix.
         floor: the training-split floor to score beside the model, or None.

@@ -310,7 +310,7 @@ class MaskFloor:
         Args:
             datalist: training entries; those without ``key`` (or with ``<key>_present`` 0) are left out.
             transform: maps an entry to a dict whose ``key`` is the 0/1 mask on the network's input grid (e.g.
-                ``ctan_monai.data.ham10000.mask_transforms(image_size)``).
+                ``ctan_monai.apps.ham10000.transforms.mask_transforms(image_size)``).
             key: the mask's key.
             threshold: see the class.
 

@@ -70,6 +70,31 @@ def _longest_module(package_dir: Path, package: str, dotted: str) -> str | None:
     return None
 
 
+def _lazy_exports(path: Path) -> dict[str, str]:
+    """A package's lazy exports (``_EXPORTS = {submodule: [names]}``, see ``ctan_monai.utils.lazy``), name to
+    submodule; empty for a module without them."""
+    for node in ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets):
+            exports = ast.literal_eval(node.value)
+            return {name: submodule for submodule, names in exports.items() for name in names}
+    return {}
+
+
+def _resolve(package_dir: Path, package: str, dotted: str) -> str | None:
+    """The module that defines ``dotted``: its longest module prefix, or the submodule a lazy package exports the
+    next name from (``pkg.Name`` -> ``pkg.sub``)."""
+    module = _longest_module(package_dir, package, dotted)
+    if module is None:
+        return None
+    attribute = dotted[len(module) + 1 :].split(".")[0]
+    path = _module_file(package_dir, package, module)
+    if attribute and path is not None and path.name == "__init__.py":
+        submodule = _lazy_exports(path).get(attribute)
+        if submodule is not None:
+            return f"{module}.{submodule}"
+    return module
+
+
 def _top_level_names(path: Path) -> set[str]:
     """Names a module defines at its top level (functions, classes, assignments, imports)."""
     names: set[str] = set()
@@ -81,7 +106,7 @@ def _top_level_names(path: Path) -> set[str]:
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
-    return names
+    return names | set(_lazy_exports(path))
 
 
 def _imports_of(path: Path, module: str, is_package: bool) -> list[str]:
@@ -136,6 +161,7 @@ def module_closure(roots: Iterable[str], package_dir: str | Path, package: str) 
         if module is None:
             raise ValueError(f"{root!r} is not a module of {package} (or an attribute of one) in {package_dir}")
         attribute = root[len(module) + 1 :].split(".")[0]
+        module = _resolve(package_dir, package, root) or module
         module_file = _module_file(package_dir, package, module)
         if attribute and module_file is not None and attribute not in _top_level_names(module_file):
             raise ValueError(f"{root!r}: {module} is not a module of {package} with {attribute!r} ({module_file})")
@@ -154,7 +180,7 @@ def module_closure(roots: Iterable[str], package_dir: str | Path, package: str) 
         for name in _imports_of(path, module, path.name == "__init__.py"):
             top = name.split(".")[0]
             if top == package:
-                found = _longest_module(package_dir, package, name)
+                found = _resolve(package_dir, package, name)
                 if found is not None:
                     pending.append(found)
             elif top and top not in stdlib:

@@ -18,16 +18,18 @@ import pandas as pd
 import pydicom
 import pytest
 
-from ctan_monai.apps.openkbp import prepare_openkbp
-from ctan_monai.apps.prostate import prepare_prostate
+from ctan_monai.apps.ham10000.demo import write_ham10000_demo
+from ctan_monai.apps.ham10000.splits import prepare_splits
+from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES, METADATA_FILE
+from ctan_monai.apps.openkbp.conversion import convert_dataset
+from ctan_monai.apps.openkbp.demo import synthetic_openkbp_patient, write_openkbp_demo
+from ctan_monai.apps.openkbp.prepare import prepare_openkbp
+from ctan_monai.apps.openkbp.reader import read_patient, write_patient
+from ctan_monai.apps.prostate.demo import write_prostate_demo
+from ctan_monai.apps.prostate.prepare import prepare_prostate
+from ctan_monai.apps.stoic.demo import write_stoic_demo
 from ctan_monai.data import stoic
-from ctan_monai.data.demo.dicom_rt import write_prostate_demo
-from ctan_monai.data.demo.ham10000 import write_ham10000_demo
-from ctan_monai.data.demo.openkbp import synthetic_openkbp_patient, write_openkbp_demo
-from ctan_monai.data.demo.stoic import write_stoic_demo
 from ctan_monai.data.dicom_rt import convert_dicom_rt, read_rtdose
-from ctan_monai.data.ham10000 import HAM10000_CLASSES, METADATA_FILE, prepare_splits
-from ctan_monai.data.openkbp import convert_dataset, read_patient, write_patient
 from ctan_monai.data.validation import DatasetValidationError
 
 GRID = 24  # OpenKBP phantoms on a 24-cubed grid: enough for every structure, fast to write and read

@@ -6,7 +6,7 @@ nested contours in one plane with further planes between the slices, overlapping
 overlap rule, a CT series with every other slice missing, RTSTRUCT / RTDOSE stored in another study, two CT series in
 one study, and empty ROIs with their reasons plus the ``--skip-bad`` hint. The expected masks come from the test's
 own rasterisation (analytic shapes and a crossing-number point-in-polygon test on the voxel centres in numpy), never
-from the converter's code. Inputs are the tiny synthetic patients of :mod:`ctan_monai.data.demo.dicom_rt`, edited
+from the converter's code. Inputs are the tiny synthetic patients of :mod:`ctan_monai.apps.prostate.demo`, edited
 with pydicom.
 """
 
@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
-from ctan_monai.data.demo.dicom_rt import SyntheticPatient, write_prostate_demo
+from ctan_monai.apps.prostate.demo import SyntheticPatient, write_prostate_demo
 from ctan_monai.data.dicom_rt import convert_dicom_rt
 from ctan_monai.data.dicom_rt.__main__ import main
 from ctan_monai.data.validation import DatasetValidationError

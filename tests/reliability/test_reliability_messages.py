@@ -29,20 +29,16 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from ctan_monai.apps import openkbp as openkbp_app
-from ctan_monai.apps.openkbp import prepare_openkbp
-from ctan_monai.apps.stoic import prepare_stoic
+from ctan_monai.apps.ham10000.demo import write_ham10000_demo
+from ctan_monai.apps.ham10000.validation import validate_dataset as validate_ham10000
+from ctan_monai.apps.openkbp.conversion import convert_dataset
+from ctan_monai.apps.openkbp.demo import synthetic_openkbp_patient, write_openkbp_demo
+from ctan_monai.apps.openkbp.prepare import prepare_openkbp
+from ctan_monai.apps.openkbp.reader import read_patient, write_patient
+from ctan_monai.apps.openkbp.validation import find_patient_folders, validate_dataset
+from ctan_monai.apps.stoic.demo import write_stoic_demo
+from ctan_monai.apps.stoic.prepare import prepare_stoic
 from ctan_monai.data import stoic
-from ctan_monai.data.demo.ham10000 import write_ham10000_demo
-from ctan_monai.data.demo.openkbp import synthetic_openkbp_patient, write_openkbp_demo
-from ctan_monai.data.demo.stoic import write_stoic_demo
-from ctan_monai.data.ham10000 import validate_dataset as validate_ham10000
-from ctan_monai.data.openkbp import (
-    convert_dataset,
-    find_patient_folders,
-    read_patient,
-    validate_dataset,
-    write_patient,
-)
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.engines import CheckpointMismatchError, ResumeFromLatestCheckpoint, ValidateHandler
 from ctan_monai.excepthook import install_excepthook, problem_summary
@@ -240,7 +236,7 @@ def test_reliability_ham10000_mask_covering_the_whole_image_is_warned(
     with Image.open(mask) as im:
         size = im.size
     Image.new("L", size, 255).save(mask)  # every pixel lesion: inverted, blank white, or a lesion filling the frame
-    with caplog.at_level(logging.WARNING, logger="ctan_monai.data.ham10000"):
+    with caplog.at_level(logging.WARNING, logger="ctan_monai.apps.ham10000"):
         report = validate_ham10000(root)
     assert report.ok  # kept: the real HAM10000 has such masks of lesions that fill the frame
     (warning,) = [r.getMessage() for r in caplog.records if "whole image" in r.getMessage()]

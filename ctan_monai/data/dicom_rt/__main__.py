@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example:
         >>> import tempfile
-        >>> from ctan_monai.data.demo.dicom_rt import write_prostate_demo
+        >>> from ctan_monai.apps.prostate.demo import write_prostate_demo
         >>> src, dst = tempfile.mkdtemp(), tempfile.mkdtemp()
         >>> _ = write_prostate_demo(src, n_patients=1, shape=(32, 32, 12))
         >>> main(["convert", "--input", src, "--output", dst])  # doctest: +ELLIPSIS

@@ -308,7 +308,7 @@ def convert_study(
 
     Example:
         >>> import tempfile
-        >>> from ctan_monai.data.demo.dicom_rt import write_prostate_demo
+        >>> from ctan_monai.apps.prostate.demo import write_prostate_demo
         >>> from ctan_monai.data.dicom_rt.discovery import find_studies
         >>> from ctan_monai.data.dicom_rt.synonyms import build_synonym_table
         >>> src = tempfile.mkdtemp()
@@ -514,7 +514,7 @@ def convert_dicom_rt(
 
     Example:
         >>> import tempfile
-        >>> from ctan_monai.data.demo.dicom_rt import write_prostate_demo
+        >>> from ctan_monai.apps.prostate.demo import write_prostate_demo
         >>> src, dst = tempfile.mkdtemp(), tempfile.mkdtemp()
         >>> _ = write_prostate_demo(src, n_patients=2, shape=(32, 32, 12))
         >>> [e["case_id"] for e in convert_dicom_rt(src, dst).entries]

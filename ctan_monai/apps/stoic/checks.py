@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ctan_monai.data.stoic.labels import case_sort_key, find_stoic_root, read_reference
+from ctan_monai.apps.stoic.labels import case_sort_key, find_stoic_root, read_reference
 from ctan_monai.data.validation import DatasetValidationError, ValidationReport
 
 __all__ = ["check_header", "intensity_problems", "read_checked_volume", "validate_dataset", "volume_read_problem"]

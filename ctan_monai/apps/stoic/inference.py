@@ -1,5 +1,5 @@
 """Glue for the STOIC bundle's inference config (``configs/inference.yaml``): list the chest CTs of a folder.
-Reading and preprocessing the original files is ``ctan_monai.data.stoic.stoic_transform`` (``source="original"``);
+Reading and preprocessing the original files is ``ctan_monai.apps.stoic.stoic_transform`` (``source="original"``);
 the weights are loaded by ``ctan_monai.apps.load_weights`` and the per-patient probabilities written by
 ``ctan_monai.engines.patient_classification.PatientClassificationHandler``.
 
@@ -20,8 +20,8 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from ctan_monai.apps.volume_inference import InputImageError, check_input_file
-from ctan_monai.data.stoic import case_sort_key
+from ctan_monai.apps.stoic.labels import case_sort_key
+from ctan_monai.data.inputs import InputImageError, check_input_file
 
 __all__ = [
     "VOLUME_SUFFIXES",

@@ -3,7 +3,7 @@
 The phantoms are SYNTHETIC (no patient data). They make the two tasks related, as in real plans: the dose covers
 the targets at their prescriptions (PTV70 / PTV63 / PTV56 Gy), falls off around them, is lower in the organs at
 risk, and is zero outside the possible-dose mask, so knowing the anatomy helps to predict the dose and vice versa.
-The grid follows the reader's convention (``ctan_monai.data.openkbp``): ``[row A->P, column R->L, slice S->I]``.
+The grid follows the reader's convention (``ctan_monai.apps.openkbp``): ``[row A->P, column R->L, slice S->I]``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ctan_monai.data.openkbp import CT_RANGE, OpenKBPPatient, write_patient
+from ctan_monai.apps.openkbp.reader import CT_RANGE, OpenKBPPatient, write_patient
 from ctan_monai.utils.atomic import atomic_write_text
 
 __all__ = ["synthetic_openkbp_patient", "write_openkbp_demo"]
 
 _README = "README.txt"
-_MARK = "SYNTHETIC OpenKBP-format demo data written by ctan_monai.data.demo.openkbp"
+_MARK = "SYNTHETIC OpenKBP-format demo data written by ctan_monai.apps.openkbp.demo"
 # Organ sparing: the fraction of the (target-driven) dose removed at the organ's centre, outside the targets.
 _SPARING = {"Brainstem": 0.55, "SpinalCord": 0.6, "RightParotid": 0.45, "LeftParotid": 0.45}
 # bumped when the phantoms change, so that a demo written by an older version is rewritten
@@ -200,7 +200,7 @@ def _readme(n_train: int, n_val: int, seed: int, size: int) -> str:
         "Dose (Gy): prescriptions 70/63/56 Gy on the targets, falling off around them, lower in the organs at risk,\n"
         "0 outside possible_dose_mask. The second training patient has no LeftParotid.csv (as some real patients\n"
         "lack a structure).\n"
-        "Read it with ctan_monai.data.openkbp.read_patient / convert_dataset"
+        "Read it with ctan_monai.apps.openkbp.reader.read_patient / convert_dataset"
         + ("" if size == 128 else f" with grid_shape=({size}, {size}, {size})")
         + ".\n"
     )

@@ -16,14 +16,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from ctan_monai.data.openkbp import (
-    CT_RANGE,
-    GRID_SHAPE,
-    find_patient_folders,
-    openkbp_affine,
-    read_patient,
-    write_dose_csv,
-)
+from ctan_monai.apps.openkbp.reader import CT_RANGE, GRID_SHAPE, openkbp_affine, read_patient, write_dose_csv
+from ctan_monai.apps.openkbp.validation import find_patient_folders
 from ctan_monai.utils.atomic import atomic_path
 
 __all__ = [

@@ -12,9 +12,9 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from ctan_monai.data.stoic.checks import intensity_problems, validate_dataset, volume_read_problem
-from ctan_monai.data.stoic.labels import datalist_entry, find_stoic_root, read_reference
-from ctan_monai.data.stoic.preprocessing import (
+from ctan_monai.apps.stoic.checks import intensity_problems, validate_dataset, volume_read_problem
+from ctan_monai.apps.stoic.labels import datalist_entry, find_stoic_root, read_reference
+from ctan_monai.apps.stoic.preprocessing import (
     CROP_MARGIN_MM,
     DEFAULT_SPACING,
     MIN_LUNG_AREA_FRACTION,
@@ -26,7 +26,7 @@ from ctan_monai.utils.integrity import file_problem, file_record
 
 __all__ = ["convert_dataset"]
 
-logger = logging.getLogger("ctan_monai.data.stoic")
+logger = logging.getLogger("ctan_monai.apps.stoic")
 
 CONVERSION_VERSION = 1
 _OUTPUT_KEYS = ("image", "lung_mask")

@@ -29,60 +29,37 @@ original file and runs the same preprocessing on the fly (``LoadStoicCTd``, ``st
 (default 0.25) of the largest slice's, with a neighbour on both sides.
 
 Modules: ``labels`` (reference.csv, datalists), ``checks`` (up-front validation), ``preprocessing``, ``conversion``
-(the NIfTI cache), ``transforms`` (on-the-fly loading, 2.5D slabs, the input chain), ``datasets``.
+(the NIfTI cache), ``transforms`` (on-the-fly loading, 2.5D slabs, the input chain), ``datasets``, ``demo`` (synthetic
+CTs), ``prepare`` (the bundle's data preparation), ``inference``.
 """
 
-from ctan_monai.data.stoic.checks import check_header, intensity_problems, read_checked_volume, validate_dataset
-from ctan_monai.data.stoic.conversion import convert_dataset
-from ctan_monai.data.stoic.datasets import Stoic3DDataset, Stoic25DDataset, aggregate_patient_probabilities
-from ctan_monai.data.stoic.labels import (
-    LABEL_COLUMNS,
-    build_datalist,
-    case_sort_key,
-    datalist_entry,
-    find_stoic_root,
-    read_reference,
-)
-from ctan_monai.data.stoic.preprocessing import (
-    CROP_MARGIN_MM,
-    DEFAULT_SPACING,
-    MIN_LUNG_AREA_FRACTION,
-    PreprocessedCT,
-    evenly_spaced,
-    lung_slice_candidates,
-    preprocess_volume,
-    preprocess_with_lung_slices,
-    select_lung_slices,
-)
-from ctan_monai.data.stoic.transforms import LABEL_KEYS, LUNG_WINDOW, LoadStoicCTd, SampleAxialSlabsd, stoic_transform
+from ctan_monai.utils.lazy import lazy_exports
 
-__all__ = [
-    "CROP_MARGIN_MM",
-    "DEFAULT_SPACING",
-    "LABEL_COLUMNS",
-    "LABEL_KEYS",
-    "LUNG_WINDOW",
-    "MIN_LUNG_AREA_FRACTION",
-    "LoadStoicCTd",
-    "PreprocessedCT",
-    "SampleAxialSlabsd",
-    "Stoic25DDataset",
-    "Stoic3DDataset",
-    "aggregate_patient_probabilities",
-    "build_datalist",
-    "case_sort_key",
-    "check_header",
-    "convert_dataset",
-    "datalist_entry",
-    "evenly_spaced",
-    "find_stoic_root",
-    "intensity_problems",
-    "lung_slice_candidates",
-    "preprocess_volume",
-    "preprocess_with_lung_slices",
-    "read_checked_volume",
-    "read_reference",
-    "select_lung_slices",
-    "stoic_transform",
-    "validate_dataset",
-]
+# Read from the source by ctan_monai.zoo (keep it a literal): submodule -> the names it exports.
+_EXPORTS = {
+    "checks": ["check_header", "intensity_problems", "read_checked_volume", "validate_dataset"],
+    "conversion": ["convert_dataset"],
+    "datasets": ["Stoic25DDataset", "Stoic3DDataset", "aggregate_patient_probabilities"],
+    "labels": [
+        "LABEL_COLUMNS",
+        "build_datalist",
+        "case_sort_key",
+        "datalist_entry",
+        "find_stoic_root",
+        "read_reference",
+    ],
+    "preprocessing": [
+        "CROP_MARGIN_MM",
+        "DEFAULT_SPACING",
+        "MIN_LUNG_AREA_FRACTION",
+        "PreprocessedCT",
+        "evenly_spaced",
+        "lung_slice_candidates",
+        "preprocess_volume",
+        "preprocess_with_lung_slices",
+        "select_lung_slices",
+    ],
+    "transforms": ["LABEL_KEYS", "LUNG_WINDOW", "LoadStoicCTd", "SampleAxialSlabsd", "stoic_transform"],
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -26,9 +26,9 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from ctan_monai.data.stoic.checks import read_checked_volume
-from ctan_monai.data.stoic.labels import LABEL_COLUMNS
-from ctan_monai.data.stoic.preprocessing import (
+from ctan_monai.apps.stoic.checks import read_checked_volume
+from ctan_monai.apps.stoic.labels import LABEL_COLUMNS
+from ctan_monai.apps.stoic.preprocessing import (
     CROP_MARGIN_MM,
     DEFAULT_SPACING,
     MIN_LUNG_AREA_FRACTION,

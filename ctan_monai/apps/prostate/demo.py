@@ -270,7 +270,7 @@ def write_prostate_demo(
     atomic_write_text(
         out / "README.txt",
         "SYNTHETIC DATA - NOT PATIENT DATA.\n"
-        f"{n_patients} synthetic prostate radiotherapy patients written by ctan_monai.data.demo.dicom_rt "
+        f"{n_patients} synthetic prostate radiotherapy patients written by ctan_monai.apps.prostate.demo "
         f"(seed {seed}): CT series, RTSTRUCT (BODY, Rectum, Bladder, Femur_L, Femur_R, Prostate, PTV) and RTDOSE "
         "(Gy) per patient, made of analytic shapes.\nFiles are named and placed at random on purpose: group them by "
         "DICOM tags (python -m ctan_monai.data.dicom_rt convert --input <this folder> --output <dir>).\n",

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from monai.data import Dataset
 
-from ctan_monai.data.stoic.transforms import LUNG_WINDOW, stoic_transform
+from ctan_monai.apps.stoic.transforms import LUNG_WINDOW, stoic_transform
 
 __all__ = ["Stoic25DDataset", "Stoic3DDataset", "aggregate_patient_probabilities"]
 

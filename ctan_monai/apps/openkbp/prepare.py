@@ -10,15 +10,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctan_monai.data.openkbp import (
-    DEFAULT_STRUCTURES,
-    MANIFEST_NAME,
-    SPLITS,
-    check_cache,
-    convert_dataset,
-    find_patient_folders,
-    load_manifest,
-)
+from ctan_monai.apps.openkbp.conversion import MANIFEST_NAME, check_cache, convert_dataset, load_manifest
+from ctan_monai.apps.openkbp.reader import DEFAULT_STRUCTURES, SPLITS
+from ctan_monai.apps.openkbp.validation import find_patient_folders
 from ctan_monai.data.slices import load_case
 from ctan_monai.data.validation import DataProblem, DatasetValidationError
 
@@ -116,7 +110,7 @@ def prepare_openkbp(
             return _splits_from_cache(manifest, structures, dataset_dir, any_cache_source, err)
         if not write_demo_if_missing:
             raise
-        from ctan_monai.data.demo.openkbp import write_openkbp_demo
+        from ctan_monai.apps.openkbp.demo import write_openkbp_demo
 
         logger.info("no OpenKBP patients in %s: writing the synthetic demo dataset there", dataset_dir)
         write_openkbp_demo(dataset_dir, n_train=demo_patients[0], n_val=demo_patients[1])

@@ -13,18 +13,11 @@ from typing import Any
 import numpy as np
 from monai.data import Dataset
 
-from ctan_monai.data.stoic import (
-    CROP_MARGIN_MM,
-    DEFAULT_SPACING,
-    LABEL_COLUMNS,
-    LUNG_WINDOW,
-    MIN_LUNG_AREA_FRACTION,
-    Stoic3DDataset,
-    Stoic25DDataset,
-    case_sort_key,
-    convert_dataset,
-    find_stoic_root,
-)
+from ctan_monai.apps.stoic.conversion import convert_dataset
+from ctan_monai.apps.stoic.datasets import Stoic3DDataset, Stoic25DDataset
+from ctan_monai.apps.stoic.labels import LABEL_COLUMNS, case_sort_key, find_stoic_root
+from ctan_monai.apps.stoic.preprocessing import CROP_MARGIN_MM, DEFAULT_SPACING, MIN_LUNG_AREA_FRACTION
+from ctan_monai.apps.stoic.transforms import LUNG_WINDOW
 
 __all__ = ["SPLITS", "label_group", "make_stoic_dataset", "prepare_stoic", "single_class_problems", "split_patients"]
 
@@ -173,7 +166,7 @@ def prepare_stoic(
     except FileNotFoundError:
         if not write_demo_if_missing:
             raise
-        from ctan_monai.data.demo.stoic import write_stoic_demo
+        from ctan_monai.apps.stoic.demo import write_stoic_demo
 
         logger.info("no STOIC dataset in %s: writing the synthetic demo dataset there", dataset_dir)
         root = write_stoic_demo(dataset_dir, n_patients=demo_patients, seed=seed)

@@ -19,8 +19,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
-from ctan_monai.apps.volume_inference import InputImageError, check_input_file
-from ctan_monai.data.ham10000 import HAM10000_CLASSES, IMAGE_DIR_PREFIX, MASK_SUFFIX
+from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES, IMAGE_DIR_PREFIX, MASK_SUFFIX
+from ctan_monai.data.inputs import InputImageError, check_input_file
 from ctan_monai.engines.base import RunCollectorHandler, write_csv
 from ctan_monai.utils.atomic import atomic_path, atomic_write_json
 

@@ -23,17 +23,10 @@ from typing import Any
 
 import torch
 
-from ctan_monai.data.ham10000 import (
-    BALANCE_METHODS,
-    DEFAULT_FRACTIONS,
-    HAM10000_CLASSES,
-    class_count_table,
-    class_counts,
-    class_weights,
-    find_dataset_dir,
-    mask_transforms,
-    prepare_splits,
-)
+from ctan_monai.apps.ham10000.sampling import BALANCE_METHODS, class_count_table, class_counts, class_weights
+from ctan_monai.apps.ham10000.splits import DEFAULT_FRACTIONS, prepare_splits
+from ctan_monai.apps.ham10000.transforms import mask_transforms
+from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES, find_dataset_dir
 from ctan_monai.data.samplers import RandomSubsetSampler, WeightedSubsetSampler
 from ctan_monai.engines.image_floors import ClassificationFloor, ImageFloor, MaskFloor
 from ctan_monai.losses.task_losses import ClassificationLoss
@@ -120,7 +113,7 @@ def prepare_ham10000(
     except FileNotFoundError:
         if not write_demo_if_missing:
             raise
-        from ctan_monai.data.demo.ham10000 import write_ham10000_demo
+        from ctan_monai.apps.ham10000.demo import write_ham10000_demo
 
         logger.info("no HAM10000 metadata in %s: writing the synthetic demo dataset there", dataset_dir)
         root = write_ham10000_demo(dataset_dir, n_images=demo_images, seed=seed)
@@ -134,7 +127,7 @@ def prepare_ham10000(
 
 
 def sample_weights(datalist: Sequence[Mapping[str, Any]], method: str = "inverse_frequency") -> torch.Tensor:
-    """Per-image drawing weights: the class weight (``ctan_monai.data.ham10000.class_weights``) of its diagnosis.
+    """Per-image drawing weights: the class weight (``ham10000.sampling.class_weights``) of its diagnosis.
 
     Args:
         datalist: entries with an integer ``dx``.

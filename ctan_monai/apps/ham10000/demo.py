@@ -1,6 +1,6 @@
 """Synthetic HAM10000 demo data in the official on-disk layout (clearly labelled synthetic: no patient data).
 
-The writer produces what :mod:`ctan_monai.data.ham10000` reads: ``HAM10000_metadata.csv`` with the real columns,
+The writer produces what :mod:`ctan_monai.apps.ham10000` reads: ``HAM10000_metadata.csv`` with the real columns,
 JPEG images split across ``HAM10000_images_part_1`` and ``HAM10000_images_part_2``, and binary 0/255 PNG masks at
 600x450 in ``HAM10000_segmentations_lesion_tschandl`` (the images are 200x150, as in the mirror the project tests
 on, so the reader's resampling to one grid is exercised). Several images show the same lesion for some lesions.
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ctan_monai.data.ham10000 import HAM10000_CLASSES, MASK_DIR, MASK_SUFFIX, METADATA_FILE
+from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES, MASK_DIR, MASK_SUFFIX, METADATA_FILE
 from ctan_monai.utils.atomic import atomic_path, atomic_write_text
 
 __all__ = ["write_ham10000_demo"]
@@ -241,7 +241,7 @@ def _readme(n_images: int, n_lesions: int, counts: dict[str, int], seed: int) ->
     table = "\n".join(f"  {dx:<6} {counts[dx]:>4} images" for dx in HAM10000_CLASSES)
     return (
         "SYNTHETIC DATA - NOT HAM10000, NOT DERMATOSCOPIC IMAGES OF ANY PERSON\n\n"
-        "Written by ctan_monai.data.demo.ham10000.write_ham10000_demo "
+        "Written by ctan_monai.apps.ham10000.demo.write_ham10000_demo "
         f"(n_images={n_images}, seed={seed}) in the layout of the HAM10000 dataset\n"
         "(Tschandl et al., Sci. Data 2018), so that the demo exercises the real reader.\n\n"
         f"{n_images} images of {n_lesions} lesions. Each lesion is a drawn shape whose size, outline, colour and\n"
@@ -263,14 +263,14 @@ def write_ham10000_demo(out_dir: str | os.PathLike[str], n_images: int = 70, see
         seed: random seed; the same seed writes the same dataset.
 
     Returns:
-        ``out_dir`` as a ``Path`` (pass it as ``dataset_dir`` to :mod:`ctan_monai.data.ham10000`).
+        ``out_dir`` as a ``Path`` (pass it as ``dataset_dir`` to :mod:`ctan_monai.apps.ham10000`).
 
     Raises:
         ValueError: when ``n_images`` < 7.
 
     Example:
         >>> import tempfile
-        >>> from ctan_monai.data.ham10000 import build_datalist
+        >>> from ctan_monai.apps.ham10000 import build_datalist
         >>> len(build_datalist(write_ham10000_demo(tempfile.mkdtemp(), n_images=7)))
         7
     """

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from monai.transforms import Resize
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from ctan_monai.data.dicom_rt import PROSTATE_ORGANS, convert_dicom_rt, load_synonyms
+from ctan_monai.data.dicom_rt.convert import convert_dicom_rt
+from ctan_monai.data.dicom_rt.synonyms import PROSTATE_ORGANS, load_synonyms
 from ctan_monai.data.slices import load_case
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
@@ -185,7 +186,7 @@ def _rank_zero_first() -> Iterator[None]:
 
 def _write_demo(dataset_dir: Path, n_patients: int, shape: Sequence[int], spacing: Sequence[float]) -> None:
     """Write the synthetic DICOM-RT demo into ``dataset_dir`` (again, if an earlier write was interrupted)."""
-    from ctan_monai.data.demo.dicom_rt import write_prostate_demo  # only the demo needs the writer
+    from ctan_monai.apps.prostate.demo import write_prostate_demo  # only the demo needs the writer
 
     logger.info("no complete demo in %s: writing %d synthetic DICOM-RT patients there", dataset_dir, n_patients)
     for leftover in ("dicom", "README.txt"):  # only what the writer itself creates
@@ -195,7 +196,7 @@ def _write_demo(dataset_dir: Path, n_patients: int, shape: Sequence[int], spacin
         elif target.exists():
             target.unlink()
     write_prostate_demo(dataset_dir, n_patients=n_patients, shape=shape, spacing=spacing)
-    atomic_write_text(dataset_dir / _DEMO_MARKER, "written by ctan_monai.apps.prostate\n")
+    atomic_write_text(dataset_dir / _DEMO_MARKER, "written by ctan_monai.apps.prostate.prepare\n")
 
 
 def _convert(

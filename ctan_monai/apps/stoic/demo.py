@@ -25,7 +25,7 @@ _PATCHES = {0: (0, (0.0, 0.0)), 1: (3, (10.0, 18.0)), 2: (9, (16.0, 28.0))}
 
 _README = """SYNTHETIC DATA - NOT REAL PATIENTS
 
-Written by ctan_monai.data.demo.stoic.write_stoic_demo (n_patients={n}, seed={seed}) to exercise the STOIC2021
+Written by ctan_monai.apps.stoic.demo.write_stoic_demo (n_patients={n}, seed={seed}) to exercise the STOIC2021
 readers and the ctan_stoic bundle on a laptop. Layout and formats are those of STOIC2021:
   data/mha/<PatientID>.mha     int16 chest CT phantoms in Hounsfield units, spacing {spacing} mm (x, y, z)
   metadata/reference.csv       PatientID,probCOVID,probSevere (1/0; an empty probSevere is an unknown severity)
