@@ -319,7 +319,8 @@ def test_a_failing_profile_keeps_the_timings(tp: ModuleType, monkeypatch: pytest
     def no_profiler(*_: Any) -> Any:
         raise RuntimeError("CUPTI not available")
 
-    monkeypatch.setattr(tp, "profile_train_step", no_profiler)
+    # patched where benchmark_setting looks it up (its module in benchmarks/throughput_lib)
+    monkeypatch.setattr(sys.modules[tp.benchmark_setting.__module__], "profile_train_step", no_profiler)
     setting = tp.resolve_settings(["openkbp"], backbone="resnet18", size=32, batch=2)[0]
     options = tp.BenchmarkOptions(warmup=0, repeats=1, volume_repeats=0, cpu_memory="off", profile=3)
     result = tp.benchmark_setting(setting, ["hps"], options)
