@@ -27,7 +27,7 @@ from ctan_monai.data.dicom_rt.pixels import DicomDecodeError
 from ctan_monai.data.inputs import InputImageError, check_input_file
 from ctan_monai.metrics.dose import dvh_metrics
 
-__all__ = ["DoseSummaryd", "InputImageError", "LoadCTVolumed", "check_input_file", "dose_summary"]
+__all__ = ["DoseSummaryd", "SplitTaskOutputsd", "InputImageError", "LoadCTVolumed", "check_input_file", "dose_summary"]
 
 
 def _is_volume_file(path: Path) -> bool:
@@ -255,4 +255,41 @@ class DoseSummaryd(MapTransform):
             d[self.result_key] = result
             if self.remove_dose:
                 d.pop(self.dose_key, None)
+        return d
+
+
+class SplitTaskOutputsd(MapTransform):
+    """Split the multi-task network output ``{seg: ..., dose: ...}`` held under ``pred`` into ``pred`` (the
+    segmentation logits) and ``dose`` (the dose), the keys MONAI Label and the writer use. A ``pred`` that is already
+    a tensor is left as it is.
+
+    Args:
+        keys: the key of the network output (``pred``).
+        seg_task: the segmentation task's name.
+        dose_task: the dose task's name (the output key too).
+        allow_missing_keys: skip missing keys instead of raising.
+
+    Example:
+        >>> out = SplitTaskOutputsd("pred")({"pred": {"seg": torch.zeros(5, 2, 2, 2), "dose": torch.ones(1, 2, 2, 2)}})
+        >>> out["pred"].shape[0], float(out["dose"].max())
+        (5, 1.0)
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        seg_task: str = "seg",
+        dose_task: str = "dose",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.seg_task, self.dose_task = seg_task, dose_task
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], Mapping):
+                outputs = d[key]
+                d[self.dose_task] = outputs[self.dose_task]
+                d[key] = outputs[self.seg_task]
         return d

@@ -18,6 +18,7 @@ from monai.transforms import MapTransform
 
 from ctan_monai.apps.openkbp.reader import CT_RANGE, GRID_SHAPE, openkbp_affine, read_patient, write_dose_csv
 from ctan_monai.apps.openkbp.validation import find_patient_folders
+from ctan_monai.apps.volume_inference import SplitTaskOutputsd  # noqa: F401 (kept importable from here)
 from ctan_monai.utils.atomic import atomic_path
 
 __all__ = [
@@ -99,43 +100,6 @@ class LoadOpenKBPPatientd(MapTransform):
             d["dose_mask"] = torch.from_numpy(mask.astype(np.float32))[None]
             d["spacing"] = torch.tensor(spacing, dtype=torch.float64)
             d.setdefault("case_id", case_id)
-        return d
-
-
-class SplitTaskOutputsd(MapTransform):
-    """Split the multi-task network output ``{seg: ..., dose: ...}`` held under ``pred`` into ``pred`` (the
-    segmentation logits) and ``dose`` (the dose), the keys MONAI Label and the writer use. A ``pred`` that is already
-    a tensor is left as it is.
-
-    Args:
-        keys: the key of the network output (``pred``).
-        seg_task: the segmentation task's name.
-        dose_task: the dose task's name (the output key too).
-        allow_missing_keys: skip missing keys instead of raising.
-
-    Example:
-        >>> out = SplitTaskOutputsd("pred")({"pred": {"seg": torch.zeros(5, 2, 2, 2), "dose": torch.ones(1, 2, 2, 2)}})
-        >>> out["pred"].shape[0], float(out["dose"].max())
-        (5, 1.0)
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "pred",
-        seg_task: str = "seg",
-        dose_task: str = "dose",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.seg_task, self.dose_task = seg_task, dose_task
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            if isinstance(d[key], Mapping):
-                outputs = d[key]
-                d[self.dose_task] = outputs[self.dose_task]
-                d[key] = outputs[self.seg_task]
         return d
 
 

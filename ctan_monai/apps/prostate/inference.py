@@ -17,7 +17,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from ctan_monai.apps.prostate.prepare import BUNDLE_AXCODES, reorient, resize_in_plane
+from ctan_monai.apps.prostate.geometry import BUNDLE_AXCODES, reorient, resize_in_plane
 from ctan_monai.data.dicom_rt.body import body_mask_from_ct
 from ctan_monai.data.dicom_rt.ct_series import DicomSeriesError, read_ct_series
 from ctan_monai.data.dicom_rt.inputs import find_ct_series, ras_affine
