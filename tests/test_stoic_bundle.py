@@ -26,9 +26,9 @@ from ignite.engine import Engine
 from monai import bundle
 from monai.data import DataLoader
 
+from ctan_monai.apps import stoic
 from ctan_monai.apps.stoic.inference import find_inference_cases
 from ctan_monai.apps.stoic.prepare import prepare_stoic, split_patients
-from ctan_monai.data import stoic
 from ctan_monai.engines import MultiTaskPrepareBatch
 from ctan_monai.engines.patient_classification import PatientClassificationHandler, task_metrics
 from ctan_monai.losses import MultiTaskLoss

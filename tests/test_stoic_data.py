@@ -15,8 +15,8 @@ import torch
 from monai.data import DataLoader
 from scipy import ndimage
 
+from ctan_monai.apps import stoic
 from ctan_monai.apps.stoic.demo import make_chest_phantom, write_stoic_demo
-from ctan_monai.data import stoic
 from ctan_monai.data.validation import DatasetValidationError, ValidationReport
 from tests.conftest import shared_file
 

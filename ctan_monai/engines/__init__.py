@@ -35,6 +35,7 @@ _EXPORTS = {
     "prepare_batch": ["MultiTaskPrepareBatch"],
     "schedules": ["WarmupCosineSchedule", "build_lr_schedule"],
     "summary": ["TrainingSummaryHandler", "summary_table"],
+    "tracking": ["adapt_tracking_handlers", "collated_loss"],
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

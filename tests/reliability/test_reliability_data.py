@@ -18,6 +18,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from ctan_monai.apps import stoic
 from ctan_monai.apps.ham10000.demo import write_ham10000_demo
 from ctan_monai.apps.ham10000.splits import prepare_splits
 from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES, METADATA_FILE
@@ -28,7 +29,6 @@ from ctan_monai.apps.openkbp.reader import read_patient, write_patient
 from ctan_monai.apps.prostate.demo import write_prostate_demo
 from ctan_monai.apps.prostate.prepare import prepare_prostate
 from ctan_monai.apps.stoic.demo import write_stoic_demo
-from ctan_monai.data import stoic
 from ctan_monai.data.dicom_rt import convert_dicom_rt, read_rtdose
 from ctan_monai.data.validation import DatasetValidationError
 

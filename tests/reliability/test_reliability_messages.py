@@ -28,9 +28,10 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from ctan_monai.apps import openkbp as openkbp_app
+from ctan_monai.apps import stoic
 from ctan_monai.apps.ham10000.demo import write_ham10000_demo
 from ctan_monai.apps.ham10000.validation import validate_dataset as validate_ham10000
+from ctan_monai.apps.openkbp import prepare as openkbp_app
 from ctan_monai.apps.openkbp.conversion import convert_dataset
 from ctan_monai.apps.openkbp.demo import synthetic_openkbp_patient, write_openkbp_demo
 from ctan_monai.apps.openkbp.prepare import prepare_openkbp
@@ -38,7 +39,6 @@ from ctan_monai.apps.openkbp.reader import read_patient, write_patient
 from ctan_monai.apps.openkbp.validation import find_patient_folders, validate_dataset
 from ctan_monai.apps.stoic.demo import write_stoic_demo
 from ctan_monai.apps.stoic.prepare import prepare_stoic
-from ctan_monai.data import stoic
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.engines import CheckpointMismatchError, ResumeFromLatestCheckpoint, ValidateHandler
 from ctan_monai.excepthook import install_excepthook, problem_summary
