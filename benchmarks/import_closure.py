@@ -45,9 +45,8 @@ def measure(bundle: str, config: str) -> dict[str, int | str]:
     package_dir = REPO / "ctan_monai"
     closure = module_closure(config_references([text], "ctan_monai"), package_dir, "ctan_monai")
     lines = sum(len(path.read_text(encoding="utf-8").splitlines()) for path in closure.files.values())
-    roots = sorted({name for name in closure.modules})
     runtime = subprocess.run(
-        [sys.executable, "-c", _RUNTIME_PROBE, json.dumps(roots)],
+        [sys.executable, "-c", _RUNTIME_PROBE, json.dumps(closure.modules)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 QUICK = ["--image_size", "64", "--train_samples_per_epoch", "16", "--progress_bar", "False", "--num_workers", "0"]
 
 
-def test_adapted_handler_reads_the_collated_loss() -> None:
-    handler = MLFlowHandler(tracking_uri="sqlite:///unused.db", output_transform=from_engine(["loss"], first=True))
+def test_adapted_handler_reads_the_collated_loss(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"  # the handler opens its store when it is made
+    handler = MLFlowHandler(tracking_uri=store, output_transform=from_engine(["loss"], first=True))
     output = {"loss": torch.tensor(0.25), "pred": {}}
     assert isinstance(handler.output_transform(output), tuple)  # MONAI's default on a collated output: fails later
     [adapted] = adapt_tracking_handlers([handler], params={"arch": "ctan", "lr": 1e-3}, log_engine_params=False)

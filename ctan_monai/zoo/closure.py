@@ -80,19 +80,24 @@ def _lazy_exports(path: Path) -> dict[str, str]:
     return {}
 
 
-def _resolve(package_dir: Path, package: str, dotted: str) -> str | None:
-    """The module that defines ``dotted``: its longest module prefix, or the submodule a lazy package exports the
-    next name from (``pkg.Name`` -> ``pkg.sub``)."""
-    module = _longest_module(package_dir, package, dotted)
-    if module is None:
-        return None
-    attribute = dotted[len(module) + 1 :].split(".")[0]
+def _defining_module(package_dir: Path, package: str, module: str, attribute: str) -> str:
+    """``module``, or its submodule that a lazy package exports ``attribute`` from (``pkg`` + ``Name`` ->
+    ``pkg.sub``)."""
     path = _module_file(package_dir, package, module)
     if attribute and path is not None and path.name == "__init__.py":
         submodule = _lazy_exports(path).get(attribute)
         if submodule is not None:
             return f"{module}.{submodule}"
     return module
+
+
+def _resolve(package_dir: Path, package: str, dotted: str) -> str | None:
+    """The module that defines ``dotted``: its longest module prefix, or the submodule a lazy package exports the
+    next name from."""
+    module = _longest_module(package_dir, package, dotted)
+    if module is None:
+        return None
+    return _defining_module(package_dir, package, module, dotted[len(module) + 1 :].split(".")[0])
 
 
 def _top_level_names(path: Path) -> set[str]:
@@ -161,7 +166,7 @@ def module_closure(roots: Iterable[str], package_dir: str | Path, package: str) 
         if module is None:
             raise ValueError(f"{root!r} is not a module of {package} (or an attribute of one) in {package_dir}")
         attribute = root[len(module) + 1 :].split(".")[0]
-        module = _resolve(package_dir, package, root) or module
+        module = _defining_module(package_dir, package, module, attribute)
         module_file = _module_file(package_dir, package, module)
         if attribute and module_file is not None and attribute not in _top_level_names(module_file):
             raise ValueError(f"{root!r}: {module} is not a module of {package} with {attribute!r} ({module_file})")

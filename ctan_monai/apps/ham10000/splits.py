@@ -159,7 +159,9 @@ def _write_split(
         return os.path.relpath(path, base) if inside else path
 
     document: dict[str, Any] = {
-        "description": "HAM10000 split by lesion_id, stratified by dx (ctan_monai.apps.ham10000 split_by_lesion)",
+        "description": (
+            "HAM10000 split by lesion_id, stratified by dx (ctan_monai.apps.ham10000.splits.split_by_lesion)"
+        ),
         "dataset_dir": base,
         "seed": seed,
         "fractions": dict(fractions),
