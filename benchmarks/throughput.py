@@ -37,6 +37,11 @@ Usage:
         --pipeline_workers 8 --output runs/throughput_gpu.json
     python benchmarks/throughput.py --backbone resnet18 --size 64 --batch 2 --warmup 1 --repeats 2 \\
         --archs hps ctan --amp bf16 --channels_last --pipeline_patients 2   # a quick smoke run
+    python benchmarks/throughput.py --peers --no_pipeline                # ours and LibMTL's HPS, MTAN side by side
+
+Peers (``--peers``, or ``libmtl_hps`` / ``libmtl_mtan`` in ``--archs``): LibMTL's HPS and MTAN with its ResNet and
+its NYUv2 example's DeepLab heads, timed in the same round-robin with the same batch, loss and optimiser, and every
+architecture's ratio to each peer reported (``throughput_lib.peers``; ``pip install --no-deps LibMTL==1.1.5``).
 
 Output: a Markdown report on stdout (``--markdown`` also writes it to a file) and a JSON file (``--output``), both
 written atomically, the JSON after every setting so that an interrupted run keeps what it measured.
@@ -71,6 +76,7 @@ from throughput_lib.models import (  # noqa: E402
     profile_train_step,
     synthetic_batch,
 )
+from throughput_lib.peers import PEER_ARCHS, PeerUnavailableError, import_libmtl  # noqa: E402
 from throughput_lib.pipelines import PIPELINES, PipelineSpec, PipelineUnavailableError, benchmark_pipeline  # noqa: E402
 from throughput_lib.report import evaluate_targets, machine_info, markdown_report  # noqa: E402
 from throughput_lib.settings import (  # noqa: E402
@@ -86,6 +92,7 @@ from throughput_lib.timing import _log, paired_ratio, round_robin_orders  # noqa
 
 __all__ = [
     "ARCHS",
+    "PEER_ARCHS",
     "PIPELINES",
     "SETTINGS",
     "ArchBench",
@@ -177,12 +184,16 @@ def check_archs(archs: Sequence[str]) -> None:
 
     Raises:
         ValueError: for none, an unknown or a repeated name.
+        PeerUnavailableError: when a peer is named and its library is not installed.
     """
-    unknown = [a for a in archs if a not in ARCHS]
+    known = [*ARCHS, *PEER_ARCHS]
+    unknown = [a for a in archs if a not in known]
     if unknown or not archs:
-        raise ValueError(f"unknown or no architecture(s) {unknown}; choose from {list(ARCHS)}")
+        raise ValueError(f"unknown or no architecture(s) {unknown}; choose from {known}")
     if len(set(archs)) != len(archs):
         raise ValueError(f"an architecture is named twice in {list(archs)}")
+    if any(a in PEER_ARCHS for a in archs):
+        import_libmtl()  # before anything is measured: PeerUnavailableError names the install command
 
 
 def _dataset_dirs(items: Sequence[str]) -> dict[str, str]:
@@ -206,7 +217,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=["openkbp"], help=f"{sorted(SETTINGS)} or 'all'")
-    p.add_argument("--archs", nargs="+", default=list(ARCHS), help="architectures (default: all four)")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=list(ARCHS),
+        help=f"architectures (default: our four); peers: {', '.join(PEER_ARCHS)} (LibMTL, see throughput_lib.peers)",
+    )
+    p.add_argument("--peers", action="store_true", help="add LibMTL's HPS and MTAN to --archs (side by side)")
     p.add_argument("--backbone", help="override every setting's encoder (resnet18, resnet34, resnet50)")
     p.add_argument("--size", type=int, help="override every setting's input size (multiple of 32)")
     p.add_argument("--batch", type=int, help="override every setting's batch size")
@@ -282,12 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             cudnn_benchmark=not args.no_cudnn_benchmark,
         )
+        archs = list(args.archs) + [p for p in PEER_ARCHS if args.peers and p not in args.archs]
         options.check()
-        check_archs(args.archs)
-    except ValueError as err:
+        check_archs(archs)
+    except (ValueError, PeerUnavailableError) as err:
         print(f"throughput.py: error: {err}", file=sys.stderr)
         return 2
-    report = run(settings, args.archs, options, args.output)
+    report = run(settings, archs, options, args.output)
     text = markdown_report(report)
     print(text)
     if args.markdown:

@@ -329,3 +329,57 @@ def test_a_failing_profile_keeps_the_timings(tp: ModuleType, monkeypatch: pytest
     report = {"machine": tp.machine_info(options), "options": asdict(options), "settings": {"openkbp": result}}
     text = tp.markdown_report(report)
     assert "Profile of hps failed: RuntimeError: CUPTI not available" in text and "| hps | " in text
+
+
+def _require_libmtl() -> None:
+    if importlib.util.find_spec("LibMTL") is None:  # CI installs it (README: Test)
+        pytest.skip("the peer benchmark needs: pip install --no-deps LibMTL==1.1.5")
+
+
+def test_libmtl_peers_side_by_side(tp: ModuleType) -> None:
+    """LibMTL's HPS and MTAN run in the same round-robin as ours, with every ratio to each peer reported."""
+    _require_libmtl()
+    setting = replace(tp.SETTINGS["openkbp"], backbone="resnet18", size=64, batch=2)
+    options = tp.BenchmarkOptions(warmup=1, repeats=2, volume_repeats=0, pipelines=False, cpu_memory="off")
+    archs = ["hps", "ctan", "libmtl_hps", "libmtl_mtan"]
+    report = tp.run([setting], archs, options)
+    result = report["settings"]["openkbp"]
+    assert result["status"] == "measured"
+    figures = result["archs"]
+    for arch in archs:
+        for peer in ("libmtl_hps", "libmtl_mtan"):
+            assert _positive(figures[arch][f"train_step_x_{peer}"]), (arch, peer)
+            assert _positive(figures[arch][f"inference_x_{peer}"]), (arch, peer)
+    assert figures["libmtl_hps"]["train_step_x_libmtl_hps"] == pytest.approx(1.0)
+    # LibMTL's MTAN adds attention modules to the same encoder, its HPS does not
+    assert figures["libmtl_mtan"]["params_m"] > figures["libmtl_hps"]["params_m"]
+    text = tp.markdown_report(report)
+    assert "| arch | train step x libmtl_hps | train step x libmtl_mtan |" in text
+    assert sum(line.startswith("| libmtl_mtan |") for line in text.splitlines()) == 2
+
+
+def test_peer_outputs_follow_our_convention() -> None:
+    """A peer network returns our ``{task: output}`` dict: pixel maps at the input size, logits per image."""
+    _require_libmtl()
+    sys.path.insert(0, str(SCRIPT.parent))
+    from throughput_lib.peers import build_libmtl_network
+    from throughput_lib.settings import SETTINGS
+
+    for name in ("openkbp", "ham10000"):
+        setting = replace(SETTINGS[name], backbone="resnet18", size=64)
+        net = build_libmtl_network("libmtl_mtan", setting, torch.device("cpu")).eval()
+        with torch.no_grad():
+            out = net(torch.zeros(2, setting.in_channels, 64, 64))
+        for task in setting.task_specs():
+            expected = (2, task.out_channels, 64, 64) if task.level == "pixel" else (2, task.out_channels)
+            assert tuple(out[task.name].shape) == expected, (name, task.name)
+
+
+def test_missing_peer_library_is_named_up_front(tp: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import importlib.util as util
+
+    real_find_spec = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "LibMTL" else real_find_spec(name, *a))
+    assert tp.main(["--peers", "--output", "never.json"]) == 2
+    assert "pip install --no-deps LibMTL==1.1.5" in capsys.readouterr().err
+    assert not Path("never.json").exists()

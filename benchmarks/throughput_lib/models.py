@@ -94,13 +94,21 @@ class ArchBench:
         self.amp = options.amp == "bf16"
         self.memory_format = _memory_format(options)
         torch.manual_seed(0)
-        net = build_network(arch, setting.tasks, setting.backbone, spatial_dims=2, in_channels=setting.in_channels)
-        self.net = net.to(device=self.device, memory_format=self.memory_format)
+        self.net = self.build_network().to(device=self.device, memory_format=self.memory_format)
         self.loss = MultiTaskLoss(setting.tasks, weighting="dwa").to(self.device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-4, weight_decay=1e-5)
         source = synthetic_batch(setting) if batch is None else batch
         self.batch = {k: v.to(self.device) for k, v in source.items()}
         self.batch["image"] = self.batch["image"].contiguous(memory_format=self.memory_format)
+
+    def build_network(self) -> torch.nn.Module:
+        """The network of ``self.arch`` for the setting (a peer's bench builds its library's network instead).
+
+        Returns:
+            the module, on the CPU, returning ``{task_name: output}``.
+        """
+        s = self.setting
+        return build_network(self.arch, s.tasks, s.backbone, spatial_dims=2, in_channels=s.in_channels)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of the chosen precision (disabled for float32).
@@ -446,23 +454,26 @@ def _round_robin(
 
 
 def benchmark_setting(setting: BenchmarkSetting, archs: Sequence[str], options: BenchmarkOptions) -> dict[str, Any]:
-    """Measure every architecture on one setting (interleaved), with ratios to HPS when HPS is among them.
+    """Measure every architecture on one setting (interleaved), with ratios to HPS when HPS is among them and to
+    every peer (LibMTL's architectures, ``throughput_lib.peers``) among them.
 
     Args:
         setting: the setting.
-        archs: the architectures.
+        archs: the architectures, ours and peers.
         options: how to measure.
 
     Returns:
         ``{"setting": ..., "archs": {arch: figures}, "volume_inference": ..., "profile": ...}``; times in seconds.
     """
+    from throughput_lib.peers import PEER_ARCHS, make_bench  # here: peers builds on this module's ArchBench
+
     device = options.torch_device
     batch = synthetic_batch(setting)
     benches: dict[str, ArchBench] = {}
     results: dict[str, dict[str, Any]] = {}
     for arch in archs:
         _log(f"{setting.name}: building {arch}")
-        bench = ArchBench(arch, setting, options, batch)
+        bench = make_bench(arch, setting, options, batch)
         benches[arch] = bench
         results[arch] = {"params_m": bench.parameters_m(), **bench.flops()}
     _log(f"{setting.name}: training steps ({options.warmup} warm-up + {options.repeats} timed each, round-robin)")
@@ -505,6 +516,12 @@ def benchmark_setting(setting: BenchmarkSetting, archs: Sequence[str], options: 
                 r["volume_inference_x_hps"] = paired_ratio(volume_times[arch], volume_times["hps"])
     if "mtan" in archs and "ctan" in archs:
         results["ctan"]["train_step_x_mtan"] = paired_ratio(train["ctan"], train["mtan"])
+    # every architecture against every peer measured beside it (the side-by-side table)
+    for peer in (a for a in archs if a in PEER_ARCHS):
+        for arch in archs:
+            r = results[arch]
+            r[f"train_step_x_{peer}"] = paired_ratio(train[arch], train[peer])
+            r[f"inference_x_{peer}"] = paired_ratio(infer[arch], infer[peer])
     # the timings above must survive a failure of the optional measurements below: record it and go on
     try:
         memory_method = _measure_memory(setting, benches, results, options)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from throughput_lib.peers import PEER_ARCHS
 from throughput_lib.settings import TARGETS, BenchmarkOptions
 
 
@@ -99,6 +100,28 @@ def _profile_markdown(profiles: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _peer_markdown(archs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every architecture's training step and inference as a multiple of each peer's, when peers were measured."""
+    peers = [p for p in PEER_ARCHS if p in archs]
+    if not peers:
+        return []
+    lines = [
+        "Side by side with " + ", ".join(peers) + " (the same run, interleaved; median of per-repeat ratios):",
+        "",
+        "| arch | "
+        + " | ".join(f"train step x {p}" for p in peers)
+        + " | "
+        + " | ".join(f"inference x {p}" for p in peers)
+        + " |",
+        "|---|" + "---:|" * (2 * len(peers)),
+    ]
+    for arch, r in archs.items():
+        train = " | ".join(_fmt(r.get(f"train_step_x_{p}")) for p in peers)
+        infer = " | ".join(_fmt(r.get(f"inference_x_{p}")) for p in peers)
+        lines.append(f"| {arch} | {train} | {infer} |")
+    return [*lines, ""]
+
+
 def _setting_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
     """The table, notes, pipeline line and profiles of one setting."""
     lines: list[str] = []
@@ -128,6 +151,7 @@ def _setting_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
             row += f" {r['volume_inference_s']['median']:.2f} | {_fmt(r.get('volume_inference_x_hps'))} |"
         lines.append(row)
     lines.append("")
+    lines += _peer_markdown(result.get("archs", {}))
     ctan = result.get("archs", {}).get("ctan", {})
     if "train_step_x_mtan" in ctan:
         lines.append(f"CTAN training step: {ctan['train_step_x_mtan']:.2f}x MTAN.")
