@@ -238,11 +238,12 @@ def test_3d_option_one_short_epoch(stoic_bundle: Path) -> None:
 
 def test_multi_gpu_train_validates_on_rank_0(stoic_bundle: Path) -> None:
     """multi_gpu_train.yaml under torchrun, two processes (gloo on CPU), with a validation in the epoch: rank 0
-    validates alone (through the bare module, not the DDP wrapper, whose forward would wait for the other rank)."""
+    validates alone (through the bare module, not the DDP wrapper, whose forward would wait for the other rank).
+    Channels-last weights inside the DDP wrapper, as a GPU run would use them."""
     config = "['configs/train.yaml','configs/multi_gpu_train.yaml']"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
-    command += ["run", "training", "--config_file", config, *_quick(arch="mtan")]
+    command += ["run", "training", "--config_file", config, *_quick(arch="mtan"), "--channels_last", "True"]
     proc = subprocess.run(
         command, cwd=stoic_bundle, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
     )
