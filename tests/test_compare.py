@@ -198,6 +198,8 @@ def test_tiny_comparison_is_killed_and_resumes(bundle_copy: Path, tmp_path: Path
     out_dir = tmp_path / "cmp"
     args = ["--bundle", str(bundle_copy), "--archs", "stl", "hps", "--seeds", "0", "--output_dir", str(out_dir)]
     args += ["--set", "epochs=1", "--set", "train_slices_per_epoch=8", "--set", "batch_size=4"]
+    # one validation patient of the demo's two, in the training's validation and in the evaluation alike
+    args += ["--set", "validate#dataset#data=$@data['validation-pats'][:1]"]
     args += ["--set", "val_interval=2", "--set", "eval_figures=0", "--set", "summary_untrained=False"]
     stl_record = out_dir / "runs" / "stl_seed0" / "run.json"
     proc = _compare(args, tmp_path, start_new_session=True)
@@ -225,6 +227,9 @@ def test_tiny_comparison_is_killed_and_resumes(bundle_copy: Path, tmp_path: Path
         assert record["status"] == "finished" and record["environment"]["torch"]
         assert 0.0 <= record["metrics"]["seg"] <= 100.0 and record["metrics"]["dose"] >= 0.0
         assert record["timings"]["train_s"] > 0
+    for arch in ("stl", "hps"):  # the override reached the evaluation: one patient evaluated
+        cases = (out_dir / "runs" / f"{arch}_seed0" / "evaluation" / "cases.csv").read_text().strip().splitlines()
+        assert len(cases) == 2, cases
     for record in runs:  # the extra metric and every floor come from the run's report
         assert record["extra_metrics"]["whole_volume_mae"] >= 0.0
         assert set(record["floor"]) == {"seg", "dose", "whole_volume_mae"}

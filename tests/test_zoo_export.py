@@ -132,6 +132,13 @@ def test_export_writes_a_self_contained_bundle(tmp_path: Path) -> None:
 
     with pytest.raises(FileExistsError):
         export_bundle(source, out, model=weights)
+    # overwrite: the new bundle and archive replace the old; nothing half-written or set aside is left beside them
+    (out / "stale.txt").write_text("from the first export")
+    again = export_bundle(source, out, model=weights, write_zip=True, overwrite=True)
+    assert not (out / "stale.txt").exists() and zoo_file_problems(out) == []
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ctan_ham10000", "ctan_ham10000.zip"]
+    with zipfile.ZipFile(again.zip_path) as archive:
+        assert archive.testzip() is None and "ctan_ham10000/stale.txt" not in archive.namelist()
 
 
 def test_export_refuses_placeholder_metrics_and_missing_weights(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ctan_monai.utils.atomic import atomic_path, fsync_dir, fsync_file
 from ctan_monai.zoo.closure import config_references, module_closure
 from ctan_monai.zoo.readme import compose_zoo_readme
 from ctan_monai.zoo.requirements import ZOO_PINS, bundle_requirements
@@ -344,9 +345,8 @@ def export_bundle(
         _write_text(work / "docs" / _README_NAME, readme)
 
         work.chmod(0o755)  # mkdtemp makes it private; a bundle folder is for sharing
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(work, out_dir)
+        _fsync_tree(work)  # the files reach the disk before the rename makes them the bundle
+        _replace_folder(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -355,9 +355,34 @@ def export_bundle(
     return result
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder (deepest first): a rename of ``folder`` is then durable."""
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir():
+            folders.append(path)
+        else:
+            fsync_file(path)
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(path)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and removed only once ``new`` is in
+    place, so that a kill at any instant leaves the old or the new bundle (in the worst case under the aside name)."""
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, aside / target.name)
+    os.replace(new, target)
+    fsync_dir(target.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _write_zip(out_dir: Path) -> Path:
-    """``<out_dir>.zip`` holding ``<name>/...``, written beside and renamed into place."""
+    """``<out_dir>.zip`` holding ``<name>/...``, written beside, fsync'ed and renamed into place (``atomic_path``)."""
     target = out_dir.with_suffix(".zip")
-    partial = shutil.make_archive(str(out_dir) + ".partial", "zip", root_dir=out_dir.parent, base_dir=out_dir.name)
-    os.replace(partial, target)
+    with atomic_path(target) as partial:  # ends in .zip, which make_archive adds to its base name
+        shutil.make_archive(str(partial)[: -len(".zip")], "zip", root_dir=out_dir.parent, base_dir=out_dir.name)
     return target
