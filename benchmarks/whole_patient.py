@@ -42,8 +42,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import yaml
 
+from ctan_monai.compare.__main__ import parse_overrides
 from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +119,9 @@ def agreement(reference_dir: Path, other_dir: Path, case_ids: Sequence[str]) -> 
         case_ids: the patients.
 
     Returns:
-        ``{"min_dice", "dose_mean_abs_gy" (the largest mean over patients), "dose_max_abs_gy", "patients": {case:
-        {"dice": {label: value}, "dose_mean_abs_gy", "dose_max_abs_gy"}}}``.
+        ``{"structures_compared" (Dice values computed; 0 means the Dice check was vacuous), "min_dice",
+        "dose_mean_abs_gy" (the largest mean over patients), "dose_max_abs_gy", "patients": {case: {"dice": {label:
+        value}, "dose_mean_abs_gy", "dose_max_abs_gy"}}}``.
 
     Raises:
         FileNotFoundError: naming a prediction that was not written.
@@ -136,7 +137,7 @@ def agreement(reference_dir: Path, other_dir: Path, case_ids: Sequence[str]) -> 
             files[name] = [np.asarray(nib.load(str(path)).dataobj) for path in paths]
         seg_a, seg_b = files["seg"]
         dice = {}
-        for label in sorted(set(np.unique(seg_a)) | set(np.unique(seg_b)) - {0}):
+        for label in sorted((set(np.unique(seg_a)) | set(np.unique(seg_b))) - {0}):  # structures, not background
             a, b = seg_a == label, seg_b == label
             dice[int(label)] = float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
         dose_a, dose_b = (d.astype(np.float64) for d in files["dose"])
@@ -144,6 +145,7 @@ def agreement(reference_dir: Path, other_dir: Path, case_ids: Sequence[str]) -> 
         diff = np.abs(dose_a - dose_b)[inside] if inside.any() else np.zeros(1)
         patients[case] = {"dice": dice, "dose_mean_abs_gy": float(diff.mean()), "dose_max_abs_gy": float(diff.max())}
     return {
+        "structures_compared": sum(len(p["dice"]) for p in patients.values()),  # 0: the Dice check was vacuous
         "min_dice": min((v for p in patients.values() for v in p["dice"].values()), default=1.0),
         "dose_mean_abs_gy": max(p["dose_mean_abs_gy"] for p in patients.values()),
         "dose_max_abs_gy": max(p["dose_max_abs_gy"] for p in patients.values()),
@@ -258,16 +260,6 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _overrides(items: Sequence[str]) -> dict[str, Any]:
-    found = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE (a YAML value), got {item!r}")
-        found[key] = yaml.safe_load(value)
-    return found
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line.
 
@@ -308,7 +300,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--ckpt_path {args.ckpt_path} is not a file (or pass 'none')")
     if args.patients < 1 or args.repeats < 1:
         raise ValueError("--patients and --repeats must be >= 1")
-    args.set = _overrides(args.set)
+    args.set = parse_overrides(args.set, reserved=())  # any config key; the variants' own keys win
     return args
 
 

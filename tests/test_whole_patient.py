@@ -48,6 +48,7 @@ def test_agreement_measures_the_differences(wp: ModuleType, tmp_path: Path) -> N
     _write_prediction(tmp_path / "a" / "pt_1", seg, dose)
     _write_prediction(tmp_path / "b" / "pt_1", other, shifted)
     found = wp.agreement(tmp_path / "a", tmp_path / "b", ["pt_1"])
+    assert sorted(found["patients"]["pt_1"]["dice"]) == [1, 2]  # the structures; background is no structure
     assert found["patients"]["pt_1"]["dice"][1] == pytest.approx(96 / 112)
     assert found["patients"]["pt_1"]["dice"][2] == 0.0 and found["min_dice"] == 0.0
     assert found["dose_mean_abs_gy"] == pytest.approx(0.5) and found["dose_max_abs_gy"] == pytest.approx(2.0)
@@ -64,11 +65,29 @@ def test_bad_arguments_fail_up_front(wp: ModuleType, tmp_path: Path, capsys: pyt
     assert "does not exist" in capsys.readouterr().err
 
 
+def _varied_weights(path: Path) -> Path:
+    """Untrained weights whose heads draw several structures and a positive dose (a seeded network predicts
+    background and 0 Gy everywhere, which would make the agreement check vacuous)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundles" / "ctan_openkbp" / "configs" / "inference.yaml"))
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    with torch.no_grad():
+        net.decoders["seg"].head.weight.mul_(50.0)
+        net.decoders["dose"].head.bias.fill_(0.5)
+    torch.save(net.state_dict(), path)
+    return path
+
+
 @pytest.mark.slow
 def test_demo_patient_in_two_variants(wp: ModuleType, tmp_path: Path) -> None:
     """The bundle's inference, float32 contiguous against channels-last, on one 128-slice demo patient."""
     root = write_openkbp_demo(tmp_path / "demo", n_train=2, n_val=1)
-    args = ["--input_dir", str(root / "validation-pats"), "--ckpt_path", "none", "--repeats", "1"]
+    args = ["--input_dir", str(root / "validation-pats"), "--ckpt_path", str(_varied_weights(tmp_path / "w.pt"))]
+    args += ["--repeats", "1"]
     args += ["--work_dir", str(tmp_path / "work"), "--output", str(tmp_path / "r.json")]
     args += ["--markdown", str(tmp_path / "r.md")]
     assert wp.main(args) == 0
@@ -77,6 +96,7 @@ def test_demo_patient_in_two_variants(wp: ModuleType, tmp_path: Path) -> None:
     fast = report["variants"]["channels_last"]
     assert fast["channels_last"] is True and fast["meets_tolerance"] is True
     assert fast["agreement"]["min_dice"] >= 0.99 and fast["agreement"]["dose_mean_abs_gy"] <= 0.5
+    assert fast["agreement"]["structures_compared"] >= 2  # the Dice check compared label maps, not empty ones
     for variant in ("float32", "channels_last"):
         assert report["variants"][variant]["seconds_per_patient"]["median"] > 0
         seg = nib.load(str(tmp_path / "work" / variant / "pt_3" / "seg.nii.gz"))

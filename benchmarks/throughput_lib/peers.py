@@ -33,8 +33,6 @@ from throughput_lib.models import ArchBench
 from throughput_lib.settings import BenchmarkOptions, BenchmarkSetting
 
 PEER_ARCHS = {"libmtl_hps": "HPS", "libmtl_mtan": "MTAN"}
-# which of our architectures each peer is compared with
-PEER_COUNTERPARTS = {"libmtl_hps": "hps", "libmtl_mtan": "mtan"}
 INSTALL_HINT = "pip install --no-deps LibMTL==1.1.5"
 
 
@@ -168,14 +166,10 @@ def build_libmtl_network(peer: str, setting: BenchmarkSetting, device: torch.dev
     make_resnet = getattr(libmtl.model, setting.backbone, None)
     if make_resnet is None:
         raise ValueError(f"LibMTL has no backbone {setting.backbone!r}")
-    probe = make_resnet()
-    feature_channels = int(probe.feature_dim)
-
-    def encoder() -> nn.Module:
-        resnet = make_resnet()
-        if setting.in_channels != 3:  # as ours: the stem takes the setting's channels
-            resnet.conv1 = nn.Conv2d(setting.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        return resnet
+    resnet = make_resnet()
+    if setting.in_channels != 3:  # as ours: the stem takes the setting's channels
+        resnet.conv1 = nn.Conv2d(setting.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    feature_channels = int(resnet.feature_dim)
 
     specs = setting.task_specs()
     decoders = nn.ModuleDict(
@@ -188,7 +182,7 @@ def build_libmtl_network(peer: str, setting: BenchmarkSetting, device: torch.dev
     )
     architecture = getattr(libmtl.architecture, PEER_ARCHS[peer])(
         task_name=[t.name for t in specs],
-        encoder_class=encoder,
+        encoder_class=lambda: resnet,  # LibMTL's architectures call it once, to build their encoder
         decoders=decoders,
         rep_grad=False,
         multi_input=False,

@@ -55,11 +55,21 @@ from ctan_monai.utils.json_safe import json_safe
 logger = logging.getLogger("ctan_monai.compare")
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+COMPARISON_KEYS = ("arch", "seed", "output_dir", "model_dir")
+
+
+def parse_overrides(items: Sequence[str], reserved: Sequence[str] = COMPARISON_KEYS) -> dict[str, Any]:
     """``KEY=VALUE`` strings to a dict, values read as YAML (``null`` is None, ``false`` is False, ``[a, b]`` a list).
 
+    Args:
+        items: the ``--set`` arguments.
+        reserved: keys the caller sets itself, refused here (default: those the comparison sets per run).
+
+    Returns:
+        ``{key: value}``.
+
     Raises:
-        ValueError: on an item without ``=`` or a key the comparison sets itself (``arch``, ``seed``, ``output_dir``).
+        ValueError: on an item without ``=`` or a ``reserved`` key.
 
     Example:
         >>> parse_overrides(["epochs=2", "train_slices_per_epoch=null", "backbone=resnet18"])
@@ -70,7 +80,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        if key in ("arch", "seed", "output_dir", "model_dir"):
+        if key in reserved:
             raise ValueError(f"--set {key}=...: the comparison sets {key!r} itself (use --archs / --seeds)")
         overrides[key] = yaml.safe_load(value)
     return overrides
