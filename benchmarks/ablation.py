@@ -29,6 +29,12 @@ from typing import Any
 
 import yaml
 
+from ctan_monai.compare.__main__ import parse_overrides
+from ctan_monai.utils.atomic import atomic_write_json, atomic_write_text
+
+# what run_variant sets itself for every variant
+RESERVED_KEYS = ("output_dir", "model_dir")
+
 # summary keys reported per bundle kind, in column order: (report key, column title)
 COLUMNS = (
     ("mean_dice", "mean Dice (%)"),
@@ -59,8 +65,13 @@ def run_variant(bundle: Path, name: str, overrides: dict[str, Any], out: Path, s
         command += [f"--{key}", _arg(value)]
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(run_dir / "ablation_log.txt", "a") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    log_path = run_dir / "ablation_log.txt"
+    with open(log_path, "a") as log:
+        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if status != 0:
+        raise RuntimeError(f"variant {name!r}: the training exited with status {status}; its output is in {log_path}")
+    if not report.is_file():
+        raise RuntimeError(f"variant {name!r}: the training wrote no validation report ({report}); see {log_path}")
     summary = json.loads(report.read_text())
     summary = summary.get("summary", summary)
     result = {
@@ -70,7 +81,7 @@ def run_variant(bundle: Path, name: str, overrides: dict[str, Any], out: Path, s
         "threads": os.environ.get("OMP_NUM_THREADS"),
         "summary": summary,
     }
-    record.write_text(json.dumps(result, indent=2))
+    atomic_write_json(record, result)
     return result
 
 
@@ -95,6 +106,34 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_variants(path: Path) -> dict[str, dict[str, Any]]:
+    """The variants file: a YAML mapping of variant names to override mappings (empty for the defaults).
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        ``{name: overrides}`` in file order.
+
+    Raises:
+        ValueError: naming the file, when it is not such a mapping or a variant sets a reserved key.
+
+    Example:
+        >>> load_variants(Path("benchmarks/openkbp_ablation.yaml"))  # doctest: +SKIP
+        {'paper': {'learning_rate': 0.0001, ...}, 'default': {}}
+    """
+    variants = yaml.safe_load(path.read_text())
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"{path}: expected a mapping of variant names to overrides, got {type(variants).__name__}")
+    for name, overrides in variants.items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ValueError(f"{path}: variant {name!r} must map to overrides (key: value), got {overrides!r}")
+        reserved = sorted(set(overrides or {}) & set(RESERVED_KEYS))
+        if reserved:
+            raise ValueError(f"{path}: variant {name!r} sets {reserved}, which the ablation sets per variant")
+    return {str(name): dict(overrides or {}) for name, overrides in variants.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -104,17 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE applied to every variant (YAML value)")
     parser.add_argument("--only", nargs="*", help="run only these variants")
     args = parser.parse_args(argv)
-    variants = yaml.safe_load(args.variants.read_text()) or {}
-    shared = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        shared[key] = yaml.safe_load(value)
+    try:
+        variants = load_variants(args.variants)
+        shared = parse_overrides(args.set, reserved=RESERVED_KEYS)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    unknown = sorted(set(args.only or []) - set(variants))
+    if unknown:
+        parser.error(f"--only {unknown}: not in {args.variants} (variants: {sorted(variants)})")
     results = []
     for name, overrides in variants.items():
         if args.only and name not in args.only:
             continue
-        results.append(run_variant(args.bundle, name, overrides or {}, args.out, shared))
-        (args.out / "table.md").write_text(table(results))
+        results.append(run_variant(args.bundle, name, overrides, args.out, shared))
+        atomic_write_text(args.out / "table.md", table(results))
         print(table(results), flush=True)
     return 0
 

@@ -81,7 +81,7 @@ def parse_overrides(items: Sequence[str], reserved: Sequence[str] = COMPARISON_K
         if not sep or not key:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
         if key in reserved:
-            raise ValueError(f"--set {key}=...: the comparison sets {key!r} itself (use --archs / --seeds)")
+            raise ValueError(f"--set {key}=...: the command sets {key!r} itself, per run")
         overrides[key] = yaml.safe_load(value)
     return overrides
 
