@@ -22,9 +22,10 @@ model_dir: /nonexistent
 learning_rate: 0.5
 imports: ["$import json", "$import pathlib"]
 report_dir: "$pathlib.Path(@output_dir) / 'validation'"
+summary: {mean_dice: "$100 / (1 / @learning_rate)", floor: {mean_dice: 1.5}}
 training:
 - "$@report_dir.mkdir(parents=True, exist_ok=True)"
-- "$(@report_dir / 'report.json').write_text(json.dumps({'summary': {'mean_dice': 100 / (1 / @learning_rate), 'floor': {'mean_dice': 1.5}}}))"
+- "$(@report_dir / 'report.json').write_text(json.dumps({'summary': @summary}))"
 """
 
 
