@@ -13,6 +13,7 @@ import sys
 import sysconfig
 import textwrap
 import venv
+from collections.abc import Sequence
 from pathlib import Path
 
 from ctan_monai.zoo.export import shape_check_network
@@ -118,9 +119,12 @@ def run_code_style_checks(bundle: Path) -> None:
 # ------------------------------------------------------------------------------------------ fresh environments
 PIP_TIMEOUT = 1200
 # one short epoch per bundle on its demo (validated at its end: the report gives the re-export's eval_metrics)
+# (the CT bundles validate one demo patient: a whole patient through the paper's ResNet-50 takes half a minute here)
 SHORT_TRAINING = {
-    "ctan_openkbp": ["--train_slices_per_epoch", "8", "--batch_size", "4", "--summary_untrained", "False"],
-    "ctan_prostate": ["--train_slices_per_epoch", "8", "--batch_size", "4", "--summary_untrained", "False"],
+    "ctan_openkbp": ["--train_slices_per_epoch", "8", "--batch_size", "4", "--summary_untrained", "False"]
+    + ["--validate#dataset#data", "$@data['validation-pats'][:1]"],
+    "ctan_prostate": ["--train_slices_per_epoch", "8", "--batch_size", "4", "--summary_untrained", "False"]
+    + ["--validate#dataset#data", "$@data['validation'][:1]"],
     "ctan_ham10000": ["--image_size", "64", "--train_samples_per_epoch", "16", "--summary_untrained", "False"],
     "ctan_stoic": ["--train_patients_per_epoch", "4", "--summary_untrained", "False"],
 }
@@ -159,11 +163,12 @@ def _site_packages(env: Path) -> Path:
     return Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
 
 
-def fresh_env(cache: Path, requirements: list[str], base: Path | None = None) -> Path:
-    """A virtual environment under ``cache`` with exactly ``requirements`` (and, through a ``.pth`` file, what
-    ``base`` holds: torch, installed first as the exported README says), made once per requirement list and shared
-    by pytest-xdist workers (a lock file; a marker written last, so a half-made one is redone)."""
-    key = hashlib.sha256("\n".join(sorted(requirements) + [str(base)]).encode()).hexdigest()[:16]
+def fresh_env(cache: Path, requirements: list[str], base: Sequence[Path] = ()) -> Path:
+    """A virtual environment under ``cache`` with exactly ``requirements`` (and, through a ``.pth`` file, what the
+    ``base`` environments hold: torch, installed first as the exported README says, and the pins every bundle
+    shares), made once per requirement list and shared by pytest-xdist workers (a lock file; a marker written last,
+    so a half-made one is redone)."""
+    key = hashlib.sha256("\n".join(sorted(requirements) + [str(b) for b in base]).encode()).hexdigest()[:16]
     env = cache / f"env-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f".env-{key}.lock", "w") as lock:
@@ -171,11 +176,37 @@ def fresh_env(cache: Path, requirements: list[str], base: Path | None = None) ->
         if not (env / ".ready").is_file():
             shutil.rmtree(env, ignore_errors=True)
             venv.create(env, with_pip=True)
-            if base is not None:
-                (_site_packages(env) / "zoo_base.pth").write_text(str(_site_packages(base)) + "\n")
-            _pip(env / "bin" / "python", *requirements)
+            if base:
+                # .pth lines are not followed into the added folders' own .pth files, so every base is listed here
+                (_site_packages(env) / "zoo_base.pth").write_text("".join(f"{_site_packages(b)}\n" for b in base))
+            if requirements:
+                _pip(env / "bin" / "python", *requirements)
             (env / ".ready").write_text("\n".join(requirements) + "\n")
     return env
+
+
+# Pins that every bundle's metadata lists (at the same versions): installed once into an environment that each
+# bundle's own environment sees through its .pth file, so that each bundle installs only the rest. Together the
+# two hold exactly the bundle's pins; a bundle without all of them gets one environment with everything.
+SHARED_PACKAGES = ("monai", "numpy", "pytorch-ignite", "matplotlib", "tensorboard")
+
+
+def bundle_env(cache: Path, requirements: list[str]) -> Path:
+    """The fresh environment an exported bundle is run in: torch, then exactly ``requirements`` (its metadata's
+    pins), the :data:`SHARED_PACKAGES` among them from an environment shared by the bundles."""
+    torch_env = fresh_env(cache, [f"torch=={_torch_version()}"])
+    shared = [r for r in requirements if r.split("==")[0] in SHARED_PACKAGES]
+    if len(shared) != len(SHARED_PACKAGES):
+        return fresh_env(cache, requirements, base=[torch_env])
+    shared_env = fresh_env(cache, shared, base=[torch_env])
+    own = [r for r in requirements if r not in shared]
+    return fresh_env(cache, own, base=[shared_env, torch_env])
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
 
 
 def metadata_requirements(bundle: Path) -> list[str]:
@@ -225,7 +256,6 @@ def check_portable_bundle(name: str, work: Path, cache: Path) -> dict:
     environment holding only its metadata's packages (from the bundle folder), infer on the demo from another
     directory, re-export with that demo-trained model and its validation report, and run every offline zoo check
     on the re-export in the same environment. Returns what MONAI's checks measured."""
-    import torch
     from monai.bundle import verify_metadata
 
     from ctan_monai.zoo.checks import zoo_file_problems
@@ -233,8 +263,7 @@ def check_portable_bundle(name: str, work: Path, cache: Path) -> dict:
 
     source = REPO_ROOT / "bundles" / name
     bundle = export_bundle(source, work / "first" / name, model=random_weights(source, work / "seed0.pt")).out_dir
-    torch_env = fresh_env(cache, [f"torch=={torch.__version__.split('+')[0]}"])
-    python = fresh_env(cache, metadata_requirements(bundle), base=torch_env) / "bin" / "python"
+    python = bundle_env(cache, metadata_requirements(bundle)) / "bin" / "python"
     probe = subprocess.run(
         [str(python), "-c", "import ctan_monai"], capture_output=True, cwd=work, env=_without_our_paths()
     )
