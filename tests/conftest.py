@@ -69,12 +69,18 @@ def extract_shared_archive(relative: str) -> Path:
 
 
 def run_command(
-    command: list[str], cwd: Path, timeout: float = 600, expect_ok: bool = True, threads: int | None = None
+    command: list[str],
+    cwd: Path,
+    timeout: float = 600,
+    expect_ok: bool = True,
+    threads: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> str:
     """Run a command in ``cwd`` with ``threads`` OpenMP threads (default: the suite's own ``OMP_NUM_THREADS``, else
-    2); return its output (stdout and stderr) after asserting that it succeeded (``expect_ok``) or failed."""
+    2) in the environment ``env`` (default: this process's); return its output (stdout and stderr) after asserting
+    that it succeeded (``expect_ok``) or failed."""
     threads = int(os.environ.get("OMP_NUM_THREADS", "2")) if threads is None else threads
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
     )

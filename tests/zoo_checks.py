@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ctan_monai.zoo.export import shape_check_network
+from tests.conftest import run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
@@ -223,19 +224,8 @@ def _without_our_paths() -> dict[str, str]:
 
 def run_in(python: Path, args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) -> str:
     """``python -m monai.bundle <args>`` in ``cwd`` with none of this environment's Python paths."""
-    env = _without_our_paths()
-    env |= {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env_extra or {})}
-    proc = subprocess.run(
-        [str(python), "-m", "monai.bundle", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    return proc.stdout
+    env = _without_our_paths() | (env_extra or {})
+    return run_command([str(python), "-m", "monai.bundle", *args], cwd, timeout=900, env=env)
 
 
 def random_weights(bundle: Path, target: Path) -> Path:
