@@ -2,7 +2,8 @@
 # One short GPU session, as run for docs/benchmarks.md: the throughput benchmark in its GPU mode (bf16 autocast,
 # channels-last, the bundles' real data pipelines with workers), then the real-data OpenKBP comparison of
 # docs/comparison.md (the fixed recipe's budget, 1,344 iterations per run, three seeds; four runs at a time on the one
-# GPU: ResNet-18 at 128 px leaves most of an H100 idle). Runs cut by COMPARE_LIMIT_S resume when the script is rerun on the same machine.
+# GPU: ResNet-18 at 128 px leaves most of an H100 idle). Runs cut by COMPARE_LIMIT_S resume when the script is
+# rerun on the same machine.
 #
 # Usage, from the repository root of a CUDA machine with torch installed:
 #   OUT=gpu_results OPENKBP_CACHE=/path/to/openkbp/cache bash benchmarks/gpu_session.sh
