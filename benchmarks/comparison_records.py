@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES
+from ctan_monai.apps.openkbp.reader import DEFAULT_STRUCTURES
 from ctan_monai.utils.atomic import atomic_write_json
 
 RECORD_FILES = ("run.json", "metrics_history.json")
@@ -129,7 +131,7 @@ def _format(value: Any, digits: int) -> str:
 def _openkbp_row(record: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     """Dice, dose score, DVH score, whole-volume MAE, Dice per structure."""
     dice = summary.get("dice", {})
-    organs = " / ".join(_format(dice.get(k), 1) for k in ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid"))
+    organs = " / ".join(_format(dice.get(name), 1) for name in DEFAULT_STRUCTURES)
     return [
         _format(summary.get("mean_dice", record["metrics"].get("seg")), 2),
         _format(summary.get("dose_score", record["metrics"].get("dose")), 2),
@@ -147,7 +149,7 @@ def _ham_row(record: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         _format(seg.get("mean_dice", record["metrics"].get("seg")), 2),
         _format(cls.get("balanced_accuracy", record["metrics"].get("dx")), 2),
         _format(cls.get("accuracy"), 2),
-        " / ".join(_format(v, 0) for v in recall.values()) if recall else "n/a",
+        " / ".join(_format(recall.get(name), 0) for name in HAM10000_CLASSES) if recall else "n/a",
     ]
 
 
@@ -158,12 +160,12 @@ KINDS = {
             "dose score (Gy)",
             "DVH score (Gy)",
             "whole-volume MAE (Gy)",
-            "Dice Brainstem / SpinalCord / RParotid / LParotid",
+            "Dice " + " / ".join(DEFAULT_STRUCTURES),
         ],
         _openkbp_row,
     ),
     "ham10000": (
-        ["Dice (%)", "balanced accuracy (%)", "accuracy (%)", "recall akiec / bcc / bkl / df / mel / nv / vasc (%)"],
+        ["Dice (%)", "balanced accuracy (%)", "accuracy (%)", "recall " + " / ".join(HAM10000_CLASSES) + " (%)"],
         _ham_row,
     ),
 }

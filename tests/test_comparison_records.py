@@ -81,3 +81,16 @@ def test_rows_per_run_in_architecture_order(tmp_path: Path) -> None:
     assert table[2].split(" | ")[1:4] == ["60.00", "9.00", "12.50"]
     assert table[3].split(" | ")[3] == "n/a"
     assert comparison_records.main(["rows", "--records", str(tmp_path / "missing"), "--kind", "openkbp"]) == 2
+
+
+def test_ham_rows_list_recall_in_the_class_order_of_the_header(tmp_path: Path) -> None:
+    runs_dir = tmp_path / "runs"
+    run_dir = _finished_run(runs_dir, "ctan", 0, 90.0)
+    recall = {name: float(i) for i, name in reversed(list(enumerate(comparison_records.HAM10000_CLASSES)))}
+    summary = {"segmentation": {"mean_dice": 90.0}, "classification": {"balanced_accuracy": 60.0, "recall": recall}}
+    (run_dir / "evaluation" / "report.json").write_text(json.dumps({"summary": summary}))
+    records = tmp_path / "records"
+    comparison_records.save(runs_dir, records)
+    header, _, row = comparison_records.rows(records, "ham10000").splitlines()
+    assert "recall akiec / bcc / bkl / df / mel / nv / vasc (%)" in header
+    assert row.split(" | ")[4] == "0 / 1 / 2 / 3 / 4 / 5 / 6"
