@@ -26,7 +26,7 @@ from ctan_monai.engines.precision import is_channels_last, resolve_amp
 from ctan_monai.losses import MultiTaskLoss
 from ctan_monai.networks import build_network
 from ctan_monai.networks.attention import cross_task_attention
-from ctan_monai.networks.decoders import PixelDecoder
+from ctan_monai.networks.decoders import ImageDecoder, PixelDecoder
 from tests.conftest import REPO_ROOT
 
 SEG = {"name": "seg", "level": "pixel", "kind": "segmentation", "out_channels": 3}
@@ -217,3 +217,23 @@ def test_bundle_configs_wire_the_amp_option(bundle: str) -> None:
     with pytest.raises(RuntimeError) as caught:  # MONAI's wrapper of the expression's error
         parser.get_parsed_content("precision")
     assert "needs CUDA" in str(caught.value.__cause__)
+
+
+def test_image_decoder_runs_one_pixel_wide_layers_in_float32_under_cpu_autocast() -> None:
+    # oneDNN's bf16 weight gradient of a padded stride-2 convolution on a 1x1 input is not finite on CPUs with
+    # native bf16: such a layer runs in float32, the others in bf16, and the weight gradients stay finite
+    decoder = ImageDecoder(2, (64, 128, 256), 512, out_channels=7, decoder_channels=(16, 16, 16, 16))
+    dtypes: list[torch.dtype] = []
+    for layer in decoder.down:
+        layer.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    gen = torch.Generator().manual_seed(0)
+    skips = [torch.randn(2, c, s, s, generator=gen) for c, s in ((64, 8), (128, 4), (256, 2))]
+    bottleneck = torch.randn(2, 512, 1, 1, generator=gen)
+    for _ in range(3):
+        decoder.zero_grad(set_to_none=True)
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = decoder(skips, bottleneck, [32, 32], [])
+        logits.sum().backward()
+        assert dtypes == [torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32]  # inputs 8, 4, 2, 1 px
+        assert all(torch.isfinite(p.grad).all() for p in decoder.parameters() if p.grad is not None)
