@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ctan_monai.apps.openkbp.demo import write_openkbp_demo
+from tests.zoo_checks import seeded_network
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "whole_patient.py"
@@ -69,12 +70,8 @@ def _varied_weights(path: Path) -> Path:
     """Untrained weights whose heads draw several structures and a positive dose (a seeded network predicts
     background and 0 Gy everywhere, which would make the agreement check vacuous)."""
     import torch
-    from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / "bundles" / "ctan_openkbp" / "configs" / "inference.yaml"))
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
+    net = seeded_network(REPO_ROOT / "bundles" / "ctan_openkbp")
     with torch.no_grad():
         net.decoders["seg"].head.weight.mul_(50.0)
         net.decoders["dose"].head.bias.fill_(0.5)

@@ -15,9 +15,13 @@ import textwrap
 import venv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctan_monai.zoo.export import shape_check_network
 from tests.conftest import run_command
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
@@ -228,8 +232,8 @@ def run_in(python: Path, args: list[str], cwd: Path, env_extra: dict[str, str] |
     return run_command([str(python), "-m", "monai.bundle", *args], cwd, timeout=900, env=env)
 
 
-def random_weights(bundle: Path, target: Path) -> Path:
-    """Seed-0 weights of ``bundle``'s inference network (an export needs some; the test then trains its own)."""
+def seeded_network(bundle: Path) -> torch.nn.Module:
+    """``bundle``'s inference network (``network_def`` of its inference.yaml) built after ``torch.manual_seed(0)``."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -237,7 +241,14 @@ def random_weights(bundle: Path, target: Path) -> Path:
     parser.read_config(str(bundle / "configs" / "inference.yaml"))
     parser["bundle_root"] = str(bundle)
     torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), target)
+    return parser.get_parsed_content("network_def")
+
+
+def random_weights(bundle: Path, target: Path) -> Path:
+    """Seed-0 weights of ``bundle``'s inference network (an export needs some; the test then trains its own)."""
+    import torch
+
+    torch.save(seeded_network(bundle).state_dict(), target)
     return target
 
 
