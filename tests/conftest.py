@@ -110,6 +110,25 @@ def compare_metrics(bundle: Path, output_dir: Path, validated: bool = True) -> d
     return metrics
 
 
+def run_handler(handler, batches: list[tuple[dict, dict]]):
+    """Attach ``handler`` to an Ignite engine whose iterations return the given evaluator outputs, run one epoch over
+    the batches and return the engine (its ``state.metrics`` hold what the handler computed)."""
+    from ignite.engine import Engine
+
+    outputs = iter([out for _, out in batches])
+    engine = Engine(lambda e, batch: next(outputs))
+    handler.attach(engine)
+    engine.run([b for b, _ in batches], max_epochs=1)
+    return engine
+
+
+def one_hot_logits(labels, num_classes: int):
+    """Logits ``[N, C, ...]`` whose argmax over axis 1 is ``labels`` ``[N, ...]``."""
+    import torch
+
+    return torch.nn.functional.one_hot(torch.as_tensor(labels).long(), num_classes).movedim(-1, 1).float() * 5
+
+
 @pytest.fixture(scope="session")
 def openkbp_root() -> Path:
     """Extracted OpenKBP subset (folder that contains the patient folders' parents)."""

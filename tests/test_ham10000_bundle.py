@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
 from PIL import Image
 
 from ctan_monai.apps.ham10000.demo import write_ham10000_demo
@@ -27,7 +26,7 @@ from ctan_monai.apps.ham10000.validation import HAM10000_CLASSES
 from ctan_monai.data.samplers import WeightedSubsetSampler
 from ctan_monai.data.validation import DatasetValidationError
 from ctan_monai.engines.image_evaluation import ImageEvaluationHandler
-from tests.conftest import REPO_ROOT, compare_metrics, run_bundle, shared_file
+from tests.conftest import REPO_ROOT, compare_metrics, one_hot_logits, run_bundle, run_handler, shared_file
 
 BUNDLE = REPO_ROOT / "bundles" / "ctan_ham10000"
 CLASSES = list(HAM10000_CLASSES)
@@ -56,20 +55,6 @@ TASKS = [
 # ------------------------------------------------------------------------------------------------ evaluation handler
 
 
-def _run_handler(handler: ImageEvaluationHandler, batches: list[tuple[dict, dict]]) -> Engine:
-    """Run ``handler`` on an engine whose iterations return the given (batch, evaluator output) pairs."""
-    outputs = iter([out for _, out in batches])
-    engine = Engine(lambda e, batch: next(outputs))
-    handler.attach(engine)
-    engine.run([b for b, _ in batches], max_epochs=1)
-    return engine
-
-
-def _one_hot_logits(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Logits whose argmax is ``labels`` (over axis 1)."""
-    return torch.nn.functional.one_hot(torch.as_tensor(labels).long(), num_classes).movedim(-1, 1).float() * 5
-
-
 def test_image_evaluation_handler_metrics_report_and_figures(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     size, names = 16, ["nv", "mel", "bcc"]
@@ -91,7 +76,7 @@ def test_image_evaluation_handler_metrics_report_and_figures(tmp_path: Path) -> 
                 {"image_id": [f"img{i}" for i in range(start, stop)]},
                 {
                     "image": torch.as_tensor(rng.normal(size=(stop - start, 3, size, size)), dtype=torch.float32),
-                    "pred": {"seg": _one_hot_logits(preds[start:stop], 2), "dx": logits},
+                    "pred": {"seg": one_hot_logits(preds[start:stop], 2), "dx": logits},
                     "label": {
                         "seg": torch.as_tensor(refs[start:stop, None]),
                         "dx": torch.as_tensor(true[start:stop]),
@@ -101,7 +86,7 @@ def test_image_evaluation_handler_metrics_report_and_figures(tmp_path: Path) -> 
             )
         )
     handler = ImageEvaluationHandler("seg", ["lesion"], "dx", names, output_dir=tmp_path, figures=3, prefix="t")
-    metrics = _run_handler(handler, batches).state.metrics
+    metrics = run_handler(handler, batches).state.metrics
     expected_dice = (5 * 200 / 3 + 0) / 6
     assert metrics["t_mean_dice"] == pytest.approx(expected_dice)
     assert metrics["t_dice_lesion"] == pytest.approx(expected_dice)
@@ -138,7 +123,7 @@ def test_image_evaluation_handler_binary_and_errors() -> None:
         {"image": torch.zeros(4, 1, 8, 8), "pred": {"covid": scores}, "label": {"covid": torch.tensor([0, 1, 1, 1])}},
     )
     handler = ImageEvaluationHandler(None, cls_task="covid", class_names=["negative", "positive"], prefix="b")
-    metrics = _run_handler(handler, [batch]).state.metrics
+    metrics = run_handler(handler, [batch]).state.metrics
     assert metrics["b_auc"] == pytest.approx(100.0)  # every positive scores above the negative
     assert metrics["b_accuracy"] == pytest.approx(75.0)  # threshold 0.5: the last positive is missed
     assert "b_mean_dice" not in metrics
@@ -148,7 +133,7 @@ def test_image_evaluation_handler_binary_and_errors() -> None:
         ImageEvaluationHandler(cls_task="dx")
     decollated = [({}, [{"pred": {}, "image": torch.zeros(1, 8, 8)}])]
     with pytest.raises(TypeError, match="decollate=False"):
-        _run_handler(ImageEvaluationHandler("seg"), decollated)
+        run_handler(ImageEvaluationHandler("seg"), decollated)
 
 
 # ------------------------------------------------------------------------------------------------ class balance

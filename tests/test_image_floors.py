@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
 
 from ctan_monai.apps.ham10000.demo import write_ham10000_demo
 from ctan_monai.apps.ham10000.prepare import training_floor
@@ -25,22 +24,9 @@ from ctan_monai.engines.image_evaluation import ImageEvaluationHandler
 from ctan_monai.engines.patient_classification import PatientClassificationHandler, task_metrics
 from ctan_monai.metrics.classification import accuracy, balanced_accuracy
 from ctan_monai.metrics.segmentation import aggregate_dice, dice_report
+from tests.conftest import one_hot_logits, run_handler
 
 NAMES = ["nv", "mel", "bcc"]
-
-
-def _run(handler: ImageEvaluationHandler | PatientClassificationHandler, batches: list[tuple[dict, dict]]) -> Engine:
-    """Run ``handler`` on an engine whose iterations return the given (batch, evaluator output) pairs."""
-    outputs = iter([out for _, out in batches])
-    engine = Engine(lambda e, batch: next(outputs))
-    handler.attach(engine)
-    engine.run([b for b, _ in batches], max_epochs=1)
-    return engine
-
-
-def _one_hot_logits(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Logits ``[N, C, H, W]`` whose argmax over axis 1 is ``labels`` ``[N, H, W]``."""
-    return torch.nn.functional.one_hot(torch.as_tensor(labels).long(), num_classes).movedim(-1, 1).float() * 5
 
 
 # ------------------------------------------------------------------------------------------------ the floors
@@ -160,7 +146,7 @@ def _image_batches(pred_masks: np.ndarray, predicted: np.ndarray) -> list[tuple[
                 {"image_id": [f"img{i}" for i in range(start, stop)]},
                 {
                     "image": torch.zeros(stop - start, 3, 8, 8),
-                    "pred": {"seg": _one_hot_logits(pred_masks[start:stop], 2), "dx": logits},
+                    "pred": {"seg": one_hot_logits(pred_masks[start:stop], 2), "dx": logits},
                     "label": {
                         "seg": torch.as_tensor(refs[start:stop, None]),
                         "dx": torch.as_tensor(true[start:stop]),
@@ -190,8 +176,9 @@ def test_image_handler_floor_metrics_equal_the_metric_functions(
     handler = ImageEvaluationHandler(
         "seg", ["lesion"], "dx", NAMES, output_dir=tmp_path, figures=0, prefix="t", floor=floor
     )
+    perfect = _image_batches(refs, np.array([0, 0, 0, 1, 1, 2]))  # a perfect model
     with caplog.at_level(logging.WARNING, logger="ctan_monai.evaluation"):
-        metrics = _run(handler, _image_batches(refs, np.array([0, 0, 0, 1, 1, 2]))).state.metrics  # a perfect model
+        metrics = run_handler(handler, perfect).state.metrics
     assert not [r for r in caplog.records if "DOES NOT BEAT" in r.getMessage()]
     # the floor's Dice: the same dice_report on the floor's mask, aggregated the same way
     trivial = floor.segmentation.label_map
@@ -228,7 +215,7 @@ def test_image_handler_warns_when_the_model_loses(caplog: pytest.LogCaptureFixtu
     """A model that finds no lesion and always answers bcc: below the floor on both key metrics, two WARNINGs."""
     handler = ImageEvaluationHandler("seg", ["lesion"], "dx", NAMES, prefix="val", floor=_floor())
     with caplog.at_level(logging.WARNING, logger="ctan_monai.evaluation"):
-        metrics = _run(handler, _image_batches(np.zeros((6, 8, 8)), np.full(6, 2))).state.metrics
+        metrics = run_handler(handler, _image_batches(np.zeros((6, 8, 8)), np.full(6, 2))).state.metrics
     assert metrics["val_mean_dice"] == 0.0 and metrics["val_balanced_accuracy"] == 0.0
     assert handler.summary["beats_floor"] == {"mean_dice": False, "balanced_accuracy": False}
     lost = [r for r in caplog.records if "DOES NOT BEAT" in r.getMessage()]
@@ -250,10 +237,10 @@ def test_image_handler_floor_checks() -> None:
     # a floor built at another resolution than the evaluation's is refused, not silently scored
     small = ImageEvaluationHandler("seg", ["lesion"], floor=MaskFloor(np.zeros((4, 4)), 1))
     with pytest.raises(ValueError, match="input resolution"):
-        _run(small, _image_batches(np.zeros((6, 8, 8)), np.zeros(6, int)))
+        run_handler(small, _image_batches(np.zeros((6, 8, 8)), np.zeros(6, int)))
     # without a floor, nothing of it is reported
     plain = ImageEvaluationHandler("seg", ["lesion"], "dx", NAMES)
-    metrics = _run(plain, _image_batches(np.zeros((6, 8, 8)), np.zeros(6, int))).state.metrics
+    metrics = run_handler(plain, _image_batches(np.zeros((6, 8, 8)), np.zeros(6, int))).state.metrics
     assert not [k for k in metrics if "floor" in k] and "floor" not in plain.summary
 
 
@@ -303,7 +290,7 @@ def test_patient_handler_floor_and_missing_labels(tmp_path: Path, caplog: pytest
     floor = PrevalenceFloor.from_datalist(training, ["covid", "severe"])
     handler = PatientClassificationHandler(["covid", "severe"], output_dir=tmp_path, figures=False, floor=floor)
     with caplog.at_level(logging.WARNING, logger="ctan_monai.evaluation"):
-        metrics = _run(handler, _patient_batches(probs, labels)).state.metrics
+        metrics = run_handler(handler, _patient_batches(probs, labels)).state.metrics
     assert metrics["val_auc_covid"] == 100.0 and metrics["val_auc_severe"] == 0.0
     # the floor's AUC is what task_metrics gives a constant score: 50
     constant = [{**row, "covid_prob": 2 / 3, "severe_prob": 0.0} for row in handler.table]
