@@ -11,8 +11,14 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from ignite.engine import Engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CTAN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -110,9 +116,17 @@ def compare_metrics(bundle: Path, output_dir: Path, validated: bool = True) -> d
     return metrics
 
 
-def run_handler(handler, batches: list[tuple[dict, dict]]):
+def run_handler(handler: Any, batches: list[tuple[dict, dict]]) -> Engine:
     """Attach ``handler`` to an Ignite engine whose iterations return the given evaluator outputs, run one epoch over
-    the batches and return the engine (its ``state.metrics`` hold what the handler computed)."""
+    the batches and return the engine.
+
+    Args:
+        handler: an object with ``attach(engine)`` (an evaluation handler).
+        batches: (batch, evaluator output) pairs; the engine's iteration ``i`` returns output ``i``.
+
+    Returns:
+        the engine after the run (its ``state.metrics`` hold what the handler computed).
+    """
     from ignite.engine import Engine
 
     outputs = iter([out for _, out in batches])
@@ -122,7 +136,7 @@ def run_handler(handler, batches: list[tuple[dict, dict]]):
     return engine
 
 
-def one_hot_logits(labels, num_classes: int):
+def one_hot_logits(labels: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
     """Logits ``[N, C, ...]`` whose argmax over axis 1 is ``labels`` ``[N, ...]``."""
     import torch
 
