@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+from monai.bundle import verify_metadata, verify_net_in_out
 
 from tests.conftest import OPENKBP_BUNDLE as BUNDLE
 from tests.conftest import QUICK_TRAIN_ARGS as QUICK
 from tests.conftest import run_bundle, shared_file
+from tests.zoo_checks import assert_export_matches_eager
 
 pytestmark = pytest.mark.slow
 # the demo-learns test, 3 of the demo's 6 epochs: measured 19.8 % Dice (untrained 0.04 %), dose score 0.80x untrained
@@ -146,24 +147,8 @@ def test_ckpt_export_matches_checkpoint(bundle_copy: Path, tmp_path: Path) -> No
     window = [[(-160 + 1024) / 4095, (240 + 1024) / 4095]]
     fine = {"seg": [64]}
     net = build_network("ctan", tasks, backbone="resnet18", fine_decoder_channels=fine, input_windows=window)
-    ckpt = tmp_path / "model.pt"
-    torch.save(net.state_dict(), ckpt)
-    ckpt_export(
-        "network_def",
-        filepath=str(tmp_path / "model.ts"),
-        ckpt_file=str(ckpt),
-        meta_file=str(bundle_copy / "configs" / "metadata.json"),
-        config_file=str(bundle_copy / "configs" / "train.yaml"),
-        bundle_root=str(bundle_copy),
-        backbone="resnet18",
-    )
-    scripted = torch.jit.load(str(tmp_path / "model.ts"))
-    net.eval()
-    x = torch.rand(2, 1, 128, 128)
-    with torch.no_grad():
-        eager, exported = net(x), scripted(x)
-    for name in ("seg", "dose"):
-        assert (eager[name] - exported[name]).abs().max() < 1e-4
+    exported = assert_export_matches_eager(net, bundle_copy, tmp_path, torch.rand(2, 1, 128, 128), backbone="resnet18")
+    assert set(exported) == {"seg", "dose"}
 
 
 def test_demo_learns_on_a_short_run(bundle_copy: Path, tmp_path: Path) -> None:

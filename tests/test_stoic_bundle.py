@@ -35,6 +35,7 @@ from ctan_monai.losses import MultiTaskLoss
 from ctan_monai.metrics import roc_auc
 from ctan_monai.networks import build_network
 from tests.conftest import REPO_ROOT, compare_metrics, run_bundle, shared_file
+from tests.zoo_checks import assert_export_matches_eager
 
 pytestmark = pytest.mark.slow
 # the demo-learns test, 4 of the demo's 8 epochs: measured mean AUC 100 % (untrained 22.0, floor 50)
@@ -281,26 +282,10 @@ def test_ckpt_export_matches_checkpoint(stoic_bundle: Path, tmp_path: Path) -> N
     """A checkpoint (random weights: no training needed) exports to TorchScript with equal outputs."""
     torch.manual_seed(5)
     net = build_network("ctan", TASKS, backbone="resnet18", spatial_dims=2, in_channels=3)
-    ckpt = tmp_path / "model.pt"
-    torch.save(net.state_dict(), ckpt)
-    configs = stoic_bundle / "configs"
-    bundle.ckpt_export(
-        net_id="network_def",
-        filepath=str(tmp_path / "model.ts"),
-        ckpt_file=str(ckpt),
-        meta_file=str(configs / "metadata.json"),
-        config_file=str(configs / "train.yaml"),
-        bundle_root=str(stoic_bundle),
-        backbone="resnet18",
+    exported = assert_export_matches_eager(
+        net, stoic_bundle, tmp_path, torch.rand(2, 3, 96, 96), atol=1e-5, backbone="resnet18"
     )
-    scripted = torch.jit.load(str(tmp_path / "model.ts"))
-    net.eval()
-    x = torch.rand(2, 3, 96, 96)
-    with torch.no_grad():
-        eager, exported = net(x), scripted(x)
     assert set(exported) == {"covid", "severe"}
-    for name in ("covid", "severe"):
-        assert torch.allclose(eager[name], exported[name], atol=1e-5)
 
 
 def test_find_inference_cases(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import textwrap
 import venv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ctan_monai.zoo.export import shape_check_network
 from tests.conftest import run_command
@@ -250,6 +250,54 @@ def random_weights(bundle: Path, target: Path) -> Path:
 
     torch.save(seeded_network(bundle).state_dict(), target)
     return target
+
+
+def assert_export_matches_eager(
+    network: torch.nn.Module, bundle: Path, workdir: Path, example: torch.Tensor, atol: float = 1e-4, **overrides: Any
+) -> dict[str, torch.Tensor]:
+    """Export ``network``'s weights with MONAI's ``ckpt_export`` from ``bundle``'s train.yaml and assert that the
+    TorchScript module gives the eager network's outputs.
+
+    Args:
+        network: the network ``network_def`` builds with ``overrides`` (its weights are saved and exported).
+        bundle: the bundle folder (``configs/train.yaml``, ``configs/metadata.json``).
+        workdir: where the checkpoint and ``model.ts`` are written.
+        example: an input batch for both networks.
+        atol: the largest absolute difference allowed on any output.
+        overrides: config overrides passed to ``ckpt_export`` (e.g. ``backbone="resnet18"``).
+
+    Returns:
+        The exported module's outputs on ``example``, by task name.
+
+    Raises:
+        AssertionError: an output of the exported module differs from the eager one by ``atol`` or more.
+
+    Example:
+        >>> outputs = assert_export_matches_eager(net, bundle, tmp_path, torch.rand(2, 1, 64, 64), backbone="resnet18")
+    """
+    import torch
+    from monai.bundle import ckpt_export
+
+    checkpoint = workdir / "model.pt"
+    torch.save(network.state_dict(), checkpoint)
+    ckpt_export(
+        "network_def",
+        filepath=str(workdir / "model.ts"),
+        ckpt_file=str(checkpoint),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / "train.yaml"),
+        bundle_root=str(bundle),
+        **overrides,
+    )
+    scripted = torch.jit.load(str(workdir / "model.ts"))
+    network.eval()
+    with torch.no_grad():
+        eager, exported = network(example), scripted(example)
+    assert set(exported) == set(eager)
+    for name in eager:
+        difference = float((eager[name] - exported[name]).abs().max())
+        assert difference < atol, f"{name}: the exported output differs by {difference:.2e}"
+    return exported
 
 
 def check_portable_bundle(name: str, work: Path, cache: Path) -> dict:
